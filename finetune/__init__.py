@@ -1,0 +1,1 @@
+"""LoRA fine-tuning of the generator in sequential stages (general → domain → subdomain)."""

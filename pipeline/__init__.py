@@ -1,0 +1,1 @@
+"""Generation, the chat API, evaluation and the `raglora` CLI."""

@@ -1,0 +1,1 @@
+"""Documents → chunks → embeddings → index → search. Imports nothing from finetune or pipeline."""
