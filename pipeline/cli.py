@@ -1,0 +1,213 @@
+"""`raglora`: a thin command line over the pure functions in retriever/, finetune/ and pipeline/.
+
+Every user-fixable problem surfaces as one `error: ...` line and exit code 2; heavy libraries are
+imported inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from retriever.errors import RagloraError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _config(args: argparse.Namespace):
+    from pipeline.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pipeline.datasets import build_datasets, write_datasets
+
+    cfg = _config(args)
+    out = args.out or cfg.paths.data_dir
+    settings = cfg.data.model_dump(mode="json")
+    files = build_datasets(**settings)
+    manifest = write_datasets(out, files, settings=settings)
+    for rel, entry in manifest["files"].items():
+        print(f"  {rel:28s} {entry['rows']:5d} rows")
+    print(f"wrote {len(manifest['files'])} files and manifest.json to {out}/")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from retriever.embedder import load_embedder
+    from retriever.index import build_index
+
+    cfg = _config(args)
+    ic = cfg.index
+    docs = args.docs or ic.docs
+    out = args.out or cfg.paths.index_dir
+    embedder = load_embedder(ic.embedder)
+    report = build_index(
+        docs,
+        out,
+        embedder,
+        chunk_size=ic.chunk_size,
+        chunk_overlap=ic.chunk_overlap,
+        faq_include_question=ic.faq_include_question,
+        index_type=ic.index_type,
+        batch_size=ic.batch_size,
+        ivf_nlist=ic.ivf_nlist,
+        hnsw_m=ic.hnsw_m,
+    )
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"index {out}: {report.n_documents} documents, {report.n_chunks} chunks "
+        f"({report.embedded} embedded, {report.reused} reused, {report.removed} removed) in {report.seconds:.1f}s"
+    )
+    return 0
+
+
+def _parse_filters(items: list[str] | None) -> dict | None:
+    if not items:
+        return None
+    filters: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise RagloraError(f"--filter expects KEY=VALUE (e.g. category=bygglov), got {item!r}")
+        filters.setdefault(key, []).append(value)
+    return filters
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from retriever.embedder import load_embedder
+    from retriever.index import load_index
+
+    cfg = _config(args)
+    rc = cfg.retrieval
+    query = " ".join(args.query).strip()
+    if not query:
+        raise RagloraError("empty query: pass the question to search for, e.g. raglora search \"building permit\"")
+    k = rc.k if args.k is None else args.k
+    if k <= 0:
+        raise RagloraError(f"--k must be a positive number of results, got {k}")
+    mode = args.mode or rc.mode
+    index_dir = args.index or cfg.paths.index_dir
+    if not Path(index_dir).exists():
+        raise RagloraError(f"no index at {index_dir}: build it with `make index` (or raglora index --out {index_dir})")
+    # The configured embedder must be the one the index was built with; load_index checks that.
+    index = load_index(index_dir, None if mode == "bm25" else load_embedder(cfg.index.embedder))
+    hits = index.search(
+        query,
+        k=k,
+        mode=mode,
+        filters=_parse_filters(args.filter),
+        rrf_k=rc.rrf_k,
+        dense_weight=rc.dense_weight,
+        bm25_weight=rc.bm25_weight,
+        candidates=rc.candidates,
+    )
+    if args.json:
+        print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
+        return 0
+    if not hits:
+        print("no results")
+    for h in hits:
+        d = h.to_dict()
+        text = " ".join(d["text"].split())
+        print(f"{h.rank}. [{d['score']:.4f}] {d['title']} ({d['source']}, {d['chunk_id']})\n   {text[:240]}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from finetune.stages import run_finetune
+
+    cfg = _config(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    summaries = run_finetune(
+        cfg.finetune,
+        cfg.model,
+        data_dir=cfg.paths.data_dir,
+        adapters_dir=cfg.paths.adapters_dir,
+        cache_dir=cfg.paths.base_cache_dir,
+        index_dir=cfg.paths.index_dir,
+        stages=stages,
+        resume=args.resume,
+        force=args.force,
+    )
+    for s in summaries:
+        print(json.dumps(s, ensure_ascii=False))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from finetune.merge import merge_stages
+
+    cfg = _config(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    out = merge_stages(
+        cfg.model.base,
+        adapters_dir=cfg.paths.adapters_dir,
+        stages=stages,
+        out_dir=args.out,
+        cache_dir=cfg.paths.base_cache_dir,
+    )
+    print(f"merged model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raglora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml if present)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. retrieval.k=3")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("data", cmd_data, "Materialise the knowledge base and train/validation/test splits under data/.")
+    p.add_argument("--out", help="output folder (default: paths.data_dir)")
+
+    p = add("index", cmd_index, "Build or incrementally update the retrieval index.")
+    p.add_argument("--docs", nargs="+", metavar="PATH", help="files or folders to index (default: index.docs)")
+    p.add_argument("--out", metavar="DIR", help="index folder (default: paths.index_dir)")
+
+    p = add("search", cmd_search, "Search the index and print the best chunks.")
+    p.add_argument("query", nargs="*", help="the question to search for")
+    p.add_argument("--index", metavar="DIR", help="index folder (default: paths.index_dir)")
+    p.add_argument("--k", type=int, help="number of results (default: retrieval.k)")
+    p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], help="retrieval mode (default: retrieval.mode)")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter, e.g. category=bygglov")
+    p.add_argument("--json", action="store_true", help="print a JSON list, best first")
+
+    p = add("finetune", cmd_finetune, "LoRA fine-tune the generator stage by stage (general → domain → subdomain).")
+    p.add_argument("--stages", help="comma-separated stage names (default: all configured stages)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="retrain stages that are already complete")
+
+    p = add("merge", cmd_merge, "Merge base + stage adapters into a full model loadable by AutoModelForCausalLM.")
+    p.add_argument("--stages", required=True, help="comma-separated stages to merge, in order")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is None and Path("configs/default.yaml").is_file():
+        args.config = "configs/default.yaml"
+    try:
+        return args.func(args)
+    except RagloraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import dump_config, load_config
+from retriever.errors import RagloraError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert load_config(None, None).model_fields.keys() == cfg.model_fields.keys()
+
+
+def test_defaults_round_trip_through_yaml(tmp_path):
+    cfg = load_config(CONFIGS[0])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p) == cfg
+
+
+def test_set_overrides_parse_values_as_yaml():
+    cfg = load_config(None, ["retrieval.k=3", "retrieval.mode=bm25", "index.docs=[a, b]"])
+    assert cfg.retrieval.k == 3 and cfg.retrieval.mode == "bm25" and cfg.index.docs == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("index:\n  chunk_size: -1\n", r"index\.chunk_size: .*greater than 0.*got -1"),
+        ("retrieval:\n  mode: fuzzy\n", r"retrieval\.mode: .*'fuzzy'"),
+        ("retreival:\n  k: 3\n", r"retreival: Extra inputs are not permitted"),
+        ("index: [1, 2\n", r"invalid YAML at line"),
+        ("- just\n- a list\n", r"top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(RagloraError, match=message):
+        load_config(p)
+
+
+def test_missing_config_file_and_bad_override_are_clear_errors(tmp_path):
+    with pytest.raises(RagloraError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(RagloraError, match="--set expects KEY=VALUE"):
+        load_config(None, ["retrieval.k"])
