@@ -32,7 +32,11 @@ def main() -> int:
     if args.all_questions:
         rows = [json.loads(line) for line in kb.read_text().splitlines()]
     else:
-        rows = [json.loads(line) for s in ("domain", "subdomain") for line in (data / s / "test.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for s in ("domain", "subdomain")
+            for line in (data / s / "test.jsonl").read_text().splitlines()
+        ]
     questions = [r["question"] for r in rows]
     gold = [r["id"] for r in rows]
     embedder = load_embedder(cfg.index.embedder)
@@ -42,22 +46,43 @@ def main() -> int:
         for with_question in (False, True):
             name = "question+answer" if with_question else "answer only"
             out = Path(tmp) / ("qa" if with_question else "a")
-            build_index([str(kb)], out, embedder, chunk_size=cfg.index.chunk_size, chunk_overlap=cfg.index.chunk_overlap,
-                        faq_include_question=with_question, show_progress=False)
+            build_index(
+                [str(kb)],
+                out,
+                embedder,
+                chunk_size=cfg.index.chunk_size,
+                chunk_overlap=cfg.index.chunk_overlap,
+                faq_include_question=with_question,
+                show_progress=False,
+            )
             index = load_index(out, embedder)
             for mode in ("dense", "bm25", "hybrid"):
                 ranked = [
-                    [h.chunk.source for h in index.search(q, k=10, mode=mode, rrf_k=rc.rrf_k, dense_weight=rc.dense_weight,
-                                                          bm25_weight=rc.bm25_weight, candidates=rc.candidates)]
+                    [
+                        h.chunk.source
+                        for h in index.search(
+                            q,
+                            k=10,
+                            mode=mode,
+                            rrf_k=rc.rrf_k,
+                            dense_weight=rc.dense_weight,
+                            bm25_weight=rc.bm25_weight,
+                            candidates=rc.candidates,
+                        )
+                    ]
                     for q in questions
                 ]
                 results[f"{name} / {mode}"] = retrieval_metrics(ranked, gold, ks=(1, 5, 10))
-    report = {"questions": len(questions), "question_set": "all" if args.all_questions else "held-out test",
-              "embedder": cfg.index.embedder, "results": results}
+    report = {
+        "questions": len(questions),
+        "question_set": "all" if args.all_questions else "held-out test",
+        "embedder": cfg.index.embedder,
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{len(questions)} {report['question_set']} questions, embedder {cfg.index.embedder}")
-    print(f"| index / mode | hit@1 | hit@5 | hit@10 | MRR |\n|---|---|---|---|---|")
+    print("| index / mode | hit@1 | hit@5 | hit@10 | MRR |\n|---|---|---|---|---|")
     for key, m in results.items():
         print(f"| {key} | {m['hit@1']:.3f} | {m['hit@5']:.3f} | {m['hit@10']:.3f} | {m['mrr']:.3f} |")
     return 0

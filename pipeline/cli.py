@@ -88,7 +88,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     rc = cfg.retrieval
     query = " ".join(args.query).strip()
     if not query:
-        raise RagloraError("empty query: pass the question to search for, e.g. raglora search \"building permit\"")
+        raise RagloraError('empty query: pass the question to search for, e.g. raglora search "building permit"')
     k = rc.k if args.k is None else args.k
     if k <= 0:
         raise RagloraError(f"--k must be a positive number of results, got {k}")
@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml if present)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. retrieval.k=3")
+        p.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. retrieval.k=3"
+        )
         p.set_defaults(func=func)
         return p
 

@@ -38,7 +38,9 @@ def test_split_is_a_seeded_partition_with_every_group_in_test():
 
 
 def test_held_out_faq_questions_never_enter_any_training_split(files):
-    train = _ids(files["general/train.jsonl"]) | _ids(files["domain/train.jsonl"]) | _ids(files["subdomain/train.jsonl"])
+    train = (
+        _ids(files["general/train.jsonl"]) | _ids(files["domain/train.jsonl"]) | _ids(files["subdomain/train.jsonl"])
+    )
     for stage in ("domain", "subdomain"):
         for split in ("validation", "test"):
             assert not (_ids(files[f"{stage}/{split}.jsonl"]) & train), f"{stage}/{split} leaks into training"

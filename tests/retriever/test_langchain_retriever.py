@@ -1,0 +1,16 @@
+from langchain_core.documents import Document as LCDocument
+
+from retriever.index import build_index, load_index
+from retriever.langchain import RagloraRetriever
+
+
+def test_retriever_returns_langchain_documents_with_citation_metadata(kb, tmp_path, embedder):
+    build_index([kb], tmp_path / "ix", embedder, chunk_size=300, chunk_overlap=30, show_progress=False)
+    retriever = RagloraRetriever(index=load_index(tmp_path / "ix", embedder), k=2, filters={"category": "kitchen"})
+    docs = retriever.invoke("stone worktop heat")
+    assert len(docs) == 2 and all(isinstance(d, LCDocument) for d in docs)
+    top = docs[0]
+    assert top.page_content.startswith("Choose a worktop")
+    assert {"source", "title", "chunk_id", "score", "category"} <= set(top.metadata)
+    assert top.metadata["source"] == top.metadata["chunk_id"] == "kitchen-002"
+    assert top.metadata["score"] >= docs[1].metadata["score"]
