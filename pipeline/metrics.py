@@ -1,0 +1,429 @@
+"""Offline evaluation metrics: answer overlap, groundedness, citations, refusals, retrieval, bootstrap CIs.
+
+Everything here is a pure function of strings, vectors or numbers, so the harness (`pipeline.evaluate`)
+can score every arm on CPU without a paid LLM judge, and each metric can be tested against hand-computed
+values. Per-question values are kept (not only means) so that `bootstrap_ci` / `paired_bootstrap_diff`
+can put a 95% interval on every number the report shows. Embedding is done by the caller: functions that
+need vectors take an `embed(texts) -> np.ndarray` callable (e.g. a SentenceTransformer's `encode` with
+`normalize_embeddings=True`), so this module never loads a model.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from rouge_score import rouge_scorer
+
+Embed = Callable[[list[str]], np.ndarray]
+
+# What each metric means, shown verbatim in the report's methodology section.
+METRIC_DEFINITIONS: dict[str, str] = {
+    "token_f1": "SQuAD token F1 between answer and reference after normalisation (lowercase, no punctuation, "
+    "no articles).",
+    "rouge_l": "ROUGE-L F-measure (longest common subsequence of tokens), no stemming, Unicode-aware tokens.",
+    "semantic_similarity": "Cosine similarity of the answer and reference sentence embeddings (all-MiniLM-L6-v2).",
+    "groundedness": "Share of answer sentences supported by the retrieved context (embedding similarity to a "
+    "context sentence at or above the calibrated threshold, or content-word trigram overlap >= 0.5).",
+    "citation_precision": "Share of the chunks an answer cites with [n] markers that come from the gold FAQ entry "
+    "(answers without citations are excluded).",
+    "has_citation": "Share of answers containing at least one [n] citation marker.",
+    "refusal_rate": "Share of out-of-knowledge-base questions the bot refuses (says it cannot answer or offers a "
+    "human). Higher is better.",
+    "false_refusal_rate": "Share of answerable questions the bot refuses. Lower is better.",
+    "hit@1": "Share of questions whose gold FAQ entry is the top retrieved chunk.",
+    "hit@5": "Share of questions whose gold FAQ entry is among the top 5 retrieved chunks.",
+    "hit@10": "Share of questions whose gold FAQ entry is among the top 10 retrieved chunks.",
+    "mrr": "Mean reciprocal rank of the first chunk from the gold FAQ entry (0 when not retrieved).",
+}
+
+# ---------------------------------------------------------------------------------------------- text overlap
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_NOT_WORD = re.compile(r"[^\w\s]|_")
+_WORD = re.compile(r"[^\W_]+")
+_ROUGE_MAX_TOKENS = 1024  # the LCS is O(n*m) pure Python; model answers are far shorter than this
+
+
+def normalize_text(s: str) -> str:
+    """SQuAD normalisation (lowercase, drop punctuation and articles, collapse spaces), Unicode-aware.
+
+    NFKC first so that full-width or ligature forms compare equal to their plain spelling; punctuation and
+    symbols of any script are removed (as SQuAD removes ASCII punctuation), letters of any script are kept.
+    """
+    s = unicodedata.normalize("NFKC", s or "").lower()
+    s = _NOT_WORD.sub("", s)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD token F1: harmonic mean of token precision and recall on normalised bags of words."""
+    pred, ref = normalize_text(prediction).split(), normalize_text(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+class _UnicodeTokenizer:
+    """rouge_score's default tokenizer keeps only [a-z0-9], mangling å/ä/ö/é; this keeps letters of any script."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _WORD.findall(unicodedata.normalize("NFKC", text or "").lower())[:_ROUGE_MAX_TOKENS]
+
+
+_ROUGE_TOKENIZER = _UnicodeTokenizer()
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_ROUGE_TOKENIZER)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (rouge_score, no stemmer, so no nltk data is needed); both empty -> 1.0 like token_f1."""
+    if not _ROUGE_TOKENIZER.tokenize(prediction) and not _ROUGE_TOKENIZER.tokenize(reference):
+        return 1.0
+    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Row-normalise defensively (zero rows stay zero) so cosine is a plain dot product."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def semantic_similarity(pred_vecs: np.ndarray, ref_vecs: np.ndarray) -> np.ndarray:
+    """Cosine similarity of row-paired vectors (row i of predictions against row i of references)."""
+    p, r = _unit_rows(pred_vecs), _unit_rows(ref_vecs)
+    if p.shape != r.shape:
+        raise ValueError(f"prediction and reference vectors must pair up row by row, got {p.shape} vs {r.shape}")
+    return np.einsum("ij,ij->i", p, r)
+
+
+# ------------------------------------------------------------------------------------------------- sentences
+
+_CITATION = re.compile(r"\[\s*\d{1,3}(?:\s*[,;]\s*\d{1,3})*\s*\]")
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*")
+_SPACES = re.compile(r"[^\S\r\n\u2028\u2029]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+_OPENERS = frozenset("\"'(\u201c\u2018\u00bf\u00a1")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split on line breaks and on . ! ? followed by space and a capital (not before digits: "PBL 9 kap. 4 §").
+
+    Citation markers like [1] or [2, 3] are removed first so they never become sentences of their own;
+    fragments without a letter or digit are dropped. No pattern here can backtrack, so the cost stays linear
+    on adversarial input (long runs of dots or spaces).
+    """
+    text = _SPACES.sub(" ", _CONTROL.sub(" ", _CITATION.sub("", text or "")))
+    sentences: list[str] = []
+    for line in re.split(r"[\r\n\u2028\u2029]+", text):
+        start = 0
+        for m in _SENTENCE_END.finditer(line):
+            end = m.end()
+            if line[end : end + 1] == " " and (
+                line[end + 1 : end + 2].isupper() or line[end + 1 : end + 2] in _OPENERS
+            ):
+                sentences.append(line[start:end])
+                start = end
+        sentences.append(line[start:])
+    cleaned = (s.strip().replace(" .", ".").replace(" !", "!").replace(" ?", "?") for s in sentences)
+    return [s for s in cleaned if _WORD.search(s)]
+
+
+# ---------------------------------------------------------------------------------------------- groundedness
+
+# Function words in English and Swedish (the FAQ ships both); trigrams of what is left carry the facts.
+_STOP_EN = """a an the and or but if then so of to in on at by for with from as is are was were be been being it its
+this that these those there here i you he she we they me him her us them my your our their his what which who whom
+whose when where why how all any both each few more most other some such no nor not only own same than too very can
+will just do does did doing have has had having should would could may might must shall about into over under again
+further once also up down out off s t dont doesnt isnt arent cant wont"""
+_STOP_SV = """och att det som en ett är på för med har inte av till den de om kan ska jag du vi ni man så men eller var
+vara blir också när där här sig sin sitt sina han hon dem detta denna dessa"""
+STOPWORDS = frozenset(_STOP_EN.split() + _STOP_SV.split())
+
+
+def _content_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Content-word n-grams; a text shorter than n content words yields one shorter gram (so it can still match)."""
+    words = [w for w in normalize_text(text).split() if w not in STOPWORDS]
+    if not words:
+        return set()
+    n = min(n, len(words))
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def ngram_support(sentence: str, contexts: Sequence[str], *, ngram: int = 3) -> float:
+    """Share of the sentence's content-word n-grams that occur in any one context (nan if it has none)."""
+    grams = _content_ngrams(sentence, ngram)
+    if not grams:
+        return math.nan
+    n = len(next(iter(grams)))
+    ctx: set[tuple[str, ...]] = set()
+    for c in contexts:
+        ctx |= _content_ngrams(c, n)
+    return len(grams & ctx) / len(grams)
+
+
+def _max_context_similarity(sentences: list[str], contexts: Sequence[str], embed: Embed) -> np.ndarray:
+    """For each sentence, its best cosine similarity to any sentence of any context (0 without context)."""
+    ctx_sentences = [s for c in contexts for s in split_sentences(c)]
+    if not sentences:
+        return np.zeros(0)
+    if not ctx_sentences:
+        return np.zeros(len(sentences))
+    vecs = _unit_rows(embed(sentences + ctx_sentences))
+    sims = vecs[: len(sentences)] @ vecs[len(sentences) :].T
+    return sims.max(axis=1)
+
+
+def groundedness(
+    answer: str,
+    contexts: Sequence[str],
+    *,
+    embed: Embed | None = None,
+    threshold: float = 0.6,
+    ngram: int = 3,
+    overlap: float = 0.5,
+    method: str = "either",
+) -> float:
+    """Share of answer sentences supported by the retrieved context; nan when there is nothing to check.
+
+    A sentence is supported by embedding similarity (max cosine to any context sentence >= threshold) and/or
+    by lexical overlap (share of its content-word n-grams found in the context >= overlap). `method` is
+    "embedding", "ngram" or "either" (OR of both; falls back to n-grams alone when no `embed` is given).
+    Sentences without content words ("Sure!") are not counted either way.
+    """
+    if method not in ("embedding", "ngram", "either"):
+        raise ValueError(f"method must be 'embedding', 'ngram' or 'either', got {method!r}")
+    if method == "embedding" and embed is None:
+        raise ValueError("method='embedding' needs an embed function")
+    sentences = [s for s in split_sentences(answer) if _content_ngrams(s, 1)]
+    if not sentences:
+        return math.nan
+    supported = np.zeros(len(sentences), dtype=bool)
+    if method in ("ngram", "either"):
+        supported |= np.array([ngram_support(s, contexts, ngram=ngram) >= overlap for s in sentences])
+    if method in ("embedding", "either") and embed is not None:
+        supported |= _max_context_similarity(sentences, contexts, embed) >= threshold
+    return float(supported.mean())
+
+
+def calibrate_groundedness_threshold(
+    supported_pairs: Sequence[tuple[str, str]],
+    unsupported_pairs: Sequence[tuple[str, str]],
+    embed: Embed,
+    *,
+    ngram: int = 3,
+    overlap: float = 0.5,
+) -> dict:
+    """Pick the similarity threshold that best separates supported from unsupported (sentence, context) pairs.
+
+    The threshold maximises balanced accuracy (mean of true-positive and true-negative rates) over midpoints
+    between observed scores, so it does not depend on class sizes. The result also reports how the n-gram
+    rule and the OR of both rules do on the same pairs, so the report can justify the groundedness method.
+    """
+    pairs = list(supported_pairs) + list(unsupported_pairs)
+    labels = np.array([True] * len(supported_pairs) + [False] * len(unsupported_pairs))
+    if not len(supported_pairs) or not len(unsupported_pairs):
+        raise ValueError("calibration needs at least one supported and one unsupported pair")
+    ctx_sentences = [split_sentences(c) for _, c in pairs]
+    texts = list(dict.fromkeys([s for s, _ in pairs] + [x for cs in ctx_sentences for x in cs]))
+    vecs = dict(zip(texts, _unit_rows(embed(texts)), strict=True))  # one batched call, not one per pair
+    scores = np.array(
+        [max((vecs[s] @ vecs[x] for x in cs), default=0.0) for (s, _), cs in zip(pairs, ctx_sentences, strict=True)]
+    )
+    uniq = np.unique(scores)
+    candidates = np.concatenate([[uniq[0] - 1e-6], (uniq[:-1] + uniq[1:]) / 2, [uniq[-1] + 1e-6]])
+    pos, neg = scores[labels], scores[~labels]
+    tpr = (pos[None, :] >= candidates[:, None]).mean(axis=1)
+    tnr = (neg[None, :] < candidates[:, None]).mean(axis=1)
+    best = int(np.argmax((tpr + tnr) / 2))
+    threshold = float(candidates[best])
+
+    def balanced(pred: np.ndarray) -> float:
+        return float((pred[labels].mean() + (~pred[~labels]).mean()) / 2)
+
+    by_ngram = np.array([ngram_support(s, [c], ngram=ngram) >= overlap for s, c in pairs])
+    return {
+        "threshold": threshold,
+        "balanced_accuracy": float((tpr[best] + tnr[best]) / 2),
+        "true_positive_rate": float(tpr[best]),
+        "true_negative_rate": float(tnr[best]),
+        "ngram_balanced_accuracy": balanced(by_ngram),
+        "either_balanced_accuracy": balanced(by_ngram | (scores >= threshold)),
+        "supported_score_mean": float(pos.mean()),
+        "unsupported_score_mean": float(neg.mean()),
+        "n_supported": int(len(pos)),
+        "n_unsupported": int(len(neg)),
+        "ngram": ngram,
+        "overlap": overlap,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- citations
+
+_MARKER = re.compile(r"\[\s*(\d{1,3}(?:\s*[,;]\s*\d{1,3})*)\s*\]")
+
+
+def citation_markers(answer: str) -> list[int]:
+    """Source numbers cited as [1], [2, 3] or [1][2], unique, in order of first appearance."""
+    seen: dict[int, None] = {}
+    for m in _MARKER.finditer(answer or ""):
+        for num in re.split(r"\s*[,;]\s*", m.group(1)):
+            seen.setdefault(int(num), None)
+    return list(seen)
+
+
+def has_citation(answer: str) -> bool:
+    """Whether the answer cites any source with a [n] marker."""
+    return bool(_MARKER.search(answer or ""))
+
+
+def citation_precision(answer: str, cited_sources_by_number: dict[int, str], gold_source: str) -> float:
+    """Share of distinct cited numbers whose chunk comes from the gold entry; nan when nothing is cited.
+
+    A number that was not in the prompt (a hallucinated citation) counts as a wrong citation.
+    """
+    cited = citation_markers(answer)
+    if not cited:
+        return math.nan
+    return sum(cited_sources_by_number.get(n) == gold_source for n in cited) / len(cited)
+
+
+# -------------------------------------------------------------------------------------------------- refusals
+
+# High-precision phrases only: a real answer such as "you cannot build without a permit" must not match.
+# English first, then Swedish (data.faq_lang may be "sv").
+REFUSAL_PATTERNS: tuple[str, ...] = (
+    r"\bi (?:do not|don'?t|really don'?t) know\b",
+    r"\b(?:i|we)(?: cannot| can'?t| can not| am unable to|'m unable to| are unable to| am not able to|'m not able to)"
+    r" (?:answer|help (?:you )?with th|find|provide|say|tell|give)",
+    r"\b(?:i|we) (?:do not|don'?t) have (?:any |enough |that |this |the |sufficient |specific )?"
+    r"(?:information|details|data|answer|knowledge)",
+    r"\b(?:i|we) have no (?:information|details|data|answer|knowledge)",
+    r"\bnot (?:in|covered (?:in|by)|mentioned in|found in|included in|part of|available in) (?:the|my|our|this)"
+    r" (?:provided )?(?:context|documents?|sources?|knowledge base|faq|information)",
+    r"\b(?:context|documents?|sources?|knowledge base|faq|information provided)"
+    r" (?:does not|doesn'?t|do not|don'?t) (?:contain|mention|cover|say|include|provide|address)",
+    r"\b(?:outside|beyond) (?:the scope of |of )?(?:my|what i) (?:knowledge|can answer|scope)",
+    r"\b(?:i|we) (?:could not|couldn'?t|was unable to|were unable to) find (?:an|any|the) (?:answer|information)",
+    r"\b(?:connect|transfer|put|forward|refer|pass|hand|escalat)\w*\b[^.?!]{0,40}?\b(?:to|with)"
+    r" (?:a|an|one of (?:our|my)|our|my) (?:human|colleague|(?:customer[- ]service |support )?(?:agent|representative)"
+    r"|person|staff member|team member|customer[- ]service|support team)",
+    r"\b(?:speak|talk|chat) (?:to|with) (?:a|an|one of (?:our|my)|our|my) (?:human|colleague|person|agent|representative)",
+    r"\bjag vet inte\b",
+    r"\bjag (?:kan inte|kan tyvärr inte) (?:svara|hjälpa)",
+    r"\b(?:har|finns) (?:ingen|inte någon|tyvärr ingen) information",
+    r"\b(?:koppla|kopplar|hänvisa|hänvisar|skicka|skickar|lämna|lämnar|överlämna|prata|tala)\b[^.?!]{0,40}?"
+    r"\b(?:kollega|handläggare|medarbetare|människa|kundtjänst)",
+)
+_REFUSAL = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
+
+
+def is_refusal(answer: str) -> bool:
+    """Whether the answer declines ("I don't know", "not in the context") or hands over to a human colleague."""
+    text = " ".join(unicodedata.normalize("NFKC", answer or "").replace("\u2019", "'").split())
+    return bool(_REFUSAL.search(text))
+
+
+# ------------------------------------------------------------------------------------------------- retrieval
+
+
+def retrieval_hits(ranked_sources: Sequence[str], gold: str, ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+    """Per-question hit@k (1.0/0.0) and reciprocal rank of the first chunk from the gold entry.
+
+    Kept per question so the harness can bootstrap them; the mean of "mrr" over questions is the MRR.
+    """
+    rank = next((i + 1 for i, s in enumerate(ranked_sources) if s == gold), None)
+    hits = {f"hit@{k}": float(rank is not None and rank <= k) for k in ks}
+    hits["mrr"] = 1.0 / rank if rank else 0.0
+    return hits
+
+
+# ------------------------------------------------------------------------------------------------- bootstrap
+
+
+def _apply_stat(stat: Callable, samples: np.ndarray) -> np.ndarray:
+    """Apply `stat` to every resample row: vectorised when it takes `axis` (np.mean, np.median), else per row."""
+    try:
+        return np.asarray(stat(samples, axis=1), dtype=np.float64)
+    except TypeError:
+        return np.array([stat(row) for row in samples], dtype=np.float64)
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64).ravel()
+    return arr[~np.isnan(arr)]
+
+
+def bootstrap_ci(
+    values: Iterable[float],
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    stat: Callable = np.mean,
+) -> tuple[float, float, float]:
+    """Percentile-bootstrap (point, low, high) of `stat` over the non-nan values; (nan, nan, nan) when empty.
+
+    nans mean "not applicable" (e.g. citation precision of an answer without citations), so they are dropped
+    rather than counted as zero. All resamples are drawn in one array, so 1000 x 100 takes about a millisecond.
+    """
+    arr = _finite(values)
+    if arr.size == 0:
+        return (math.nan, math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    boot = _apply_stat(stat, arr[rng.integers(0, arr.size, size=(n_resamples, arr.size))])
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(boot, [alpha, 1 - alpha])
+    return (float(stat(arr)), float(low), float(high))
+
+
+def paired_bootstrap_diff(
+    a: Iterable[float],
+    b: Iterable[float],
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    stat: Callable = np.mean,
+) -> tuple[float, float, float]:
+    """(stat(a) - stat(b), low, high) resampling questions jointly, for two arms scored on the same questions.
+
+    Pairing removes the between-question variance that two independent CIs would double count. Pairs where
+    either side is nan are dropped.
+    """
+    a_arr, b_arr = np.asarray(list(a), dtype=np.float64), np.asarray(list(b), dtype=np.float64)
+    if a_arr.shape != b_arr.shape:
+        raise ValueError(f"paired arms must score the same questions, got {a_arr.size} vs {b_arr.size} values")
+    keep = ~(np.isnan(a_arr) | np.isnan(b_arr))
+    a_arr, b_arr = a_arr[keep], b_arr[keep]
+    if a_arr.size == 0:
+        return (math.nan, math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, a_arr.size, size=(n_resamples, a_arr.size))
+    boot = _apply_stat(stat, a_arr[idx]) - _apply_stat(stat, b_arr[idx])
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(boot, [alpha, 1 - alpha])
+    return (float(stat(a_arr) - stat(b_arr)), float(low), float(high))
+
+
+def summarize(per_question: Sequence[dict], metric_names: Iterable[str], **bootstrap_kwargs) -> dict[str, dict]:
+    """{metric: {"mean", "low", "high", "n"}} over per-question rows; n counts the non-nan values.
+
+    A row holds a metric at top level or under "scores" (the shape of an answer record); missing means nan.
+    """
+    out: dict[str, dict] = {}
+    for name in metric_names:
+        vals = [row.get(name, row.get("scores", {}).get(name, math.nan)) for row in per_question]
+        vals = [math.nan if v is None else float(v) for v in vals]
+        mean, low, high = bootstrap_ci(vals, **bootstrap_kwargs)
+        out[name] = {"mean": mean, "low": low, "high": high, "n": int(_finite(vals).size)}
+    return out

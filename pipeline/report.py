@@ -1,0 +1,412 @@
+"""Render an evaluation run as results.json, report.md and a self-contained report.html.
+
+`write_report(results, out_dir)` takes the dict the harness (`pipeline.evaluate`) builds. Every key is
+optional except `run` and `arms`; a stats dict is `{"mean", "low", "high", "n"}` (a 95% bootstrap CI from
+`pipeline.metrics.summarize`), and nan / None mean "not measured".
+
+    {
+      "run": {"name", "created", "git_commit", "model", "data_version", "config": {...resolved config...}},
+      "bootstrap": {"n_resamples": 1000, "confidence": 0.95, "seed": 0},
+      "test_sets": {set_name: {"description": str, "n": int}},           # e.g. domain, subdomain, out_of_kb, general
+      "arms": {
+        arm_name: {                                                     # base, rag, lora-<stage>, rag+lora-<stage>, oracle
+          "description": str,
+          "metrics": {metric: stats},                                   # headline metrics (main held-out set)
+          "by_test_set": {set_name: {metric: stats}},
+          "latency_s": {"mean", "low", "high", "n", "p50", "p95"},
+          "tokens_per_s": float,
+          "answers": [{"id", "question", "reference", "answer", "prompt", "contexts": [str], "citations": [...],
+                       "test_set": str, "scores": {metric: float}}],
+        },
+        skipped_arm: {"skipped": "reason"},                             # listed, never charted
+      },
+      "comparisons": [{"a": arm, "b": arm, "metric": str, "diff", "low", "high"}],   # paired bootstrap a - b
+      "stages": {stage: {"train_loss_curve": [[step, loss], ...], "val_loss", "trainable_params", "trainable_ratio",
+                         "adapter_bytes", "train_seconds", "peak_memory_bytes"}},
+      "forgetting": {after_stage: {metric: stats}},                     # general held-out set; "base" = before
+      "retrieval": {setup_name: {"hit@1": stats, "hit@5": stats, "hit@10": stats, "mrr": stats}},
+      "groundedness_calibration": {...pipeline.metrics.calibrate_groundedness_threshold(...), "method": str},
+      "notes": [str],
+    }
+
+Answers are untrusted model output, so the HTML escapes every value it shows. Charts use matplotlib's Agg
+canvas through the object API (no pyplot global state) and are embedded as base64 PNG: the HTML has no
+external assets. Each file is written to a temp file and renamed, so a reader never sees a partial report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline.datasets import atomic_write_text
+from pipeline.metrics import METRIC_DEFINITIONS
+
+# Headline metric groups, one chart each; metrics outside every group are charted together as "Other".
+METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "Answer quality": ("token_f1", "rouge_l", "semantic_similarity"),
+    "Grounding and citations": ("groundedness", "citation_precision", "has_citation"),
+    "Refusals": ("refusal_rate", "false_refusal_rate"),
+}
+STAGE_KEYS = ("val_loss", "trainable_params", "trainable_ratio", "adapter_bytes", "train_seconds", "peak_memory_bytes")
+MAX_EXAMPLES = 5
+_STATS = ("mean", "low", "high")
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+
+
+def _num(x) -> float:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def fmt_stats(s: dict | float | None) -> str:
+    """'mean [low, high]' with 3 decimals; 'n/a' when not measured (a plain number prints as itself)."""
+    if not isinstance(s, dict):
+        return "n/a" if math.isnan(_num(s)) else f"{_num(s):.3f}"
+    mean, low, high = (_num(s.get(k)) for k in _STATS)
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f}" if math.isnan(low) else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _jsonable(x):
+    """nan/inf -> None, numpy scalars and Paths -> plain values, so results.json is strict JSON."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):  # numpy scalar or array
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, str | int | float | bool) or x is None:
+        return x
+    return str(x)
+
+
+def _live_arms(results: dict) -> dict[str, dict]:
+    return {name: arm for name, arm in results.get("arms", {}).items() if not arm.get("skipped")}
+
+
+def _skipped_arms(results: dict) -> dict[str, str]:
+    return {name: str(arm["skipped"]) for name, arm in results.get("arms", {}).items() if arm.get("skipped")}
+
+
+def _metric_order(tables: list[dict]) -> list[str]:
+    """Metrics present in any table: grouped ones in group order first, then the rest alphabetically."""
+    present = {m for t in tables for m in t}
+    grouped = [m for ms in METRIC_GROUPS.values() for m in ms if m in present]
+    return grouped + sorted(present - set(grouped))
+
+
+def _table_rows(by_row: dict[str, dict], first: str = "arm") -> tuple[list[str], list[list[str]]]:
+    """Header and rows of 'mean [low, high]' cells; a cell whose n differs from the row's largest n says so."""
+    metrics = _metric_order(list(by_row.values()))
+    rows = []
+    for name, stats in by_row.items():
+        n_row = max((int(_num(s.get("n")) or 0) for s in stats.values() if isinstance(s, dict)), default=0)
+        cells = []
+        for m in metrics:
+            s = stats.get(m)
+            n = s.get("n") if isinstance(s, dict) else None
+            text = fmt_stats(s)
+            cells.append(text + (f" (n={n})" if n is not None and n != n_row and text != "n/a" else ""))
+        rows.append([name, str(n_row or ""), *cells])
+    return [first, "n", *metrics], rows
+
+
+# ---------------------------------------------------------------------------------------------------- charts
+
+
+def _png(fig: Figure) -> str:
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def bars_with_ci(series: dict[str, dict[str, dict]], title: str, ylabel: str) -> str:
+    """Grouped bars (x = categories such as arms or stages, one bar per series) with CI error bars, as PNG base64."""
+    categories = list(dict.fromkeys(c for s in series.values() for c in s))
+    fig = Figure(figsize=(max(6.0, 0.9 * len(categories) * max(1, len(series)) ** 0.5 + 2), 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for i, (label, by_cat) in enumerate(series.items()):
+        xs, means, errs = [], [], [[], []]
+        for j, cat in enumerate(categories):
+            s = by_cat.get(cat)
+            stats = s if isinstance(s, dict) else {"mean": s}
+            mean, low, high = (_num(stats.get(k)) for k in _STATS)
+            if math.isnan(mean):
+                continue
+            xs.append(j + (i - (len(series) - 1) / 2) * width)
+            means.append(mean)
+            errs[0].append(0.0 if math.isnan(low) else max(0.0, mean - low))
+            errs[1].append(0.0 if math.isnan(high) else max(0.0, high - mean))
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def loss_curves(stages: dict[str, dict]) -> str:
+    """Training loss per step, one line per stage; validation loss as a marker at the stage's last step."""
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.add_subplot()
+    for stage, info in stages.items():
+        curve = [(float(s), float(v)) for s, v in info.get("train_loss_curve") or []]
+        if curve:
+            (line,) = ax.plot(*zip(*curve, strict=True), label=f"{stage} train")
+            if not math.isnan(_num(info.get("val_loss"))):
+                ax.plot([curve[-1][0]], [_num(info["val_loss"])], "o", color=line.get_color(), label=f"{stage} val")
+    ax.set_title("Training loss by stage")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def _transpose(tables: dict[str, dict], metrics: list[str] | tuple[str, ...]) -> dict[str, dict]:
+    """{row: {metric: stats}} -> {metric: {row: stats}} for the metrics present, the shape bars_with_ci takes."""
+    return {m: {r: t[m] for r, t in tables.items() if m in t} for m in metrics if any(m in t for t in tables.values())}
+
+
+def _by_test_set(results: dict) -> dict[str, dict[str, dict]]:
+    """{test_set: {arm: {metric: stats}}} over the arms that ran."""
+    out: dict[str, dict[str, dict]] = {}
+    for arm, x in _live_arms(results).items():
+        for ts, metrics in x.get("by_test_set", {}).items():
+            out.setdefault(ts, {})[arm] = metrics
+    return out
+
+
+def make_charts(results: dict) -> dict[str, str]:
+    """{chart title: base64 PNG} for every chart the data supports."""
+    arms, charts = _live_arms(results), {}
+    headline = {a: x.get("metrics", {}) for a, x in arms.items()}
+    grouped = {m for ms in METRIC_GROUPS.values() for m in ms}
+    other = tuple(m for m in _metric_order(list(headline.values())) if m not in grouped)
+    for group, metrics in {**METRIC_GROUPS, "Other metrics": other}.items():
+        if series := _transpose(headline, metrics):
+            charts[f"{group} by arm (95% CI)"] = bars_with_ci(series, f"{group} by arm (95% CI)", "score")
+    for ts, tables in _by_test_set(results).items():
+        title = f"Test set {ts} by arm (95% CI)"
+        charts[title] = bars_with_ci(_transpose(tables, _metric_order(list(tables.values()))), title, "score")
+    if stages := {s: i for s, i in results.get("stages", {}).items() if i.get("train_loss_curve")}:
+        charts["Training loss by stage"] = loss_curves(stages)
+    if forgetting := results.get("forgetting"):
+        title = "Forgetting: general held-out set after each stage (95% CI)"
+        charts[title] = bars_with_ci(_transpose(forgetting, _metric_order(list(forgetting.values()))), title, "score")
+    if latency := {a: x["latency_s"] for a, x in arms.items() if x.get("latency_s")}:
+        charts["Latency by arm"] = bars_with_ci({"latency": latency}, "Mean latency per answer (95% CI)", "seconds")
+    if retrieval := results.get("retrieval"):
+        charts["Retrieval quality"] = bars_with_ci(retrieval, "Retrieval hit@k and MRR (95% CI)", "score")
+    return charts
+
+
+# -------------------------------------------------------------------------------------------------- sections
+# The report is built once as a list of (heading, blocks); markdown and HTML are two thin renderers over it.
+# A block is ("p", text) | ("list", [text]) | ("table", header, rows) | ("code", text); text may use **bold**
+# and `code`, which the HTML renderer converts after escaping.
+
+
+def _methodology(results: dict) -> list[tuple]:
+    """Metric definitions, groundedness method and calibration, bootstrap settings."""
+    tables = [a.get("metrics", {}) for a in _live_arms(results).values()] + list(results.get("retrieval", {}).values())
+    tables += [t for ts in _by_test_set(results).values() for t in ts.values()]
+    used = {m for t in tables for m in t}
+    blocks: list[tuple] = [("list", [f"**{m}**: {d}" for m, d in METRIC_DEFINITIONS.items() if m in used])]
+    cal = results.get("groundedness_calibration") or {}
+    if cal:
+        text = (
+            f"Groundedness method **{cal.get('method', 'either')}**: an answer sentence is supported when its "
+            f"embedding similarity to some context sentence is at least the threshold, or when at least "
+            f"{cal.get('overlap', 0.5)} of its content-word {cal.get('ngram', 3)}-grams occur in the context. "
+            f"The threshold **{_num(cal.get('threshold')):.3f}** was calibrated on {cal.get('n_supported')} supported "
+            f"pairs (an FAQ answer sentence vs its own entry) and {cal.get('n_unsupported')} unsupported pairs (vs a "
+            f"random other entry) by maximising balanced accuracy: {_num(cal.get('balanced_accuracy')):.3f} "
+            f"(TPR {_num(cal.get('true_positive_rate')):.3f}, TNR {_num(cal.get('true_negative_rate')):.3f}; mean "
+            f"similarity {_num(cal.get('supported_score_mean')):.3f} supported vs "
+            f"{_num(cal.get('unsupported_score_mean')):.3f} unsupported). On the same pairs the n-gram rule alone "
+            f"scores {_num(cal.get('ngram_balanced_accuracy')):.3f} and the OR of both "
+            f"{_num(cal.get('either_balanced_accuracy')):.3f}."
+        )
+    else:
+        text = "Groundedness threshold was not calibrated in this run; the configured default was used."
+    b = {"n_resamples": 1000, "confidence": 0.95, "seed": 0, **results.get("bootstrap", {})}
+    ci = (
+        f"Every `mean [low, high]` is a percentile bootstrap over questions ({b['n_resamples']} resamples, "
+        f"{b['confidence']:.0%} confidence, seed {b['seed']}). Questions where a metric does not apply (nan, e.g. "
+        "citation precision of an answer without citations) are left out, and `(n=k)` marks a metric measured on "
+        "fewer questions than the row's largest n. Paired differences resample the same questions for both arms."
+    )
+    return [*blocks, ("p", text), ("p", ci)]
+
+
+def build_sections(results: dict) -> list[tuple[str, list[tuple]]]:
+    """Every report section except charts and examples, in reading order."""
+    run, arms = results.get("run", {}), _live_arms(results)
+    header = [f"**{k}**: {run.get(k, 'unknown')}" for k in ("created", "model", "data_version", "git_commit")]
+    sections: list[tuple[str, list[tuple]]] = [("Run", [("list", header)])]
+    headline = _table_rows({a: x.get("metrics", {}) for a, x in arms.items()})
+    described = [f"**{a}**: {x['description']}" for a, x in arms.items() if x.get("description")]
+    sections.append(("Headline (95% CI)", [("table", *headline), *([("list", described)] if described else [])]))
+    if skipped := _skipped_arms(results):
+        sections.append(("Skipped arms", [("list", [f"**{a}**: {why}" for a, why in skipped.items()])]))
+    for ts, tables in _by_test_set(results).items():
+        desc = results.get("test_sets", {}).get(ts, {}).get("description")
+        sections.append((f"Test set: {ts}", [*([("p", desc)] if desc else []), ("table", *_table_rows(tables))]))
+    if comps := results.get("comparisons"):
+        rows = [[c["a"], c["b"], c["metric"], fmt_stats({**c, "mean": c.get("diff")})] for c in comps]
+        sections.append(("Paired differences (a - b, 95% CI)", [("table", ["a", "b", "metric", "a - b"], rows)]))
+    if stages := results.get("stages"):
+        rows = [[s, *(_fmt_plain(i.get(k)) for k in STAGE_KEYS)] for s, i in stages.items()]
+        sections.append(("Training stages", [("table", ["stage", *STAGE_KEYS], rows)]))
+    if forgetting := results.get("forgetting"):
+        rows = _table_rows(forgetting, first="after stage")
+        sections.append(("Forgetting: general held-out set after each stage", [("table", *rows)]))
+    if retrieval := results.get("retrieval"):
+        sections.append(("Retrieval", [("table", *_table_rows(retrieval, first="retriever"))]))
+    if perf := {a: x for a, x in arms.items() if x.get("latency_s") or x.get("tokens_per_s")}:
+        lat = {a: x.get("latency_s") or {} for a, x in perf.items()}
+        rows = [
+            [
+                a,
+                fmt_stats(lat[a]),
+                *(_fmt_plain(lat[a].get(k)) for k in ("p50", "p95")),
+                _fmt_plain(x.get("tokens_per_s")),
+            ]
+            for a, x in perf.items()
+        ]
+        sections.append(("Latency and throughput", [("table", ["arm", "latency s", "p50", "p95", "tokens/s"], rows)]))
+    if notes := results.get("notes"):
+        sections.append(("Notes", [("list", [str(n) for n in notes])]))
+    sections.append(("Methodology", _methodology(results)))
+    config = json.dumps(_jsonable(run.get("config", {})), indent=2, sort_keys=True, ensure_ascii=False)
+    sections.append(("Configuration", [("code", config)]))
+    return sections
+
+
+def _fmt_plain(x) -> str:
+    v = _num(x)
+    if math.isnan(v):
+        return "" if x is None else str(x)
+    return f"{int(v):,}" if v == int(v) and abs(v) >= 1000 else f"{v:.4g}"
+
+
+# --------------------------------------------------------------------------------------------------- renderers
+
+
+def _md_cell(x) -> str:
+    return " ".join(str(x).split()).replace("|", "\\|")
+
+
+def render_markdown(results: dict) -> str:
+    """The report as markdown (charts and example answers are in the HTML only)."""
+    out = [f"# Evaluation report: {results.get('run', {}).get('name', 'run')}"]
+    for title, blocks in build_sections(results):
+        out += ["", f"## {title}"]
+        for kind, *body in blocks:
+            out.append("")
+            if kind == "p":
+                out.append(body[0])
+            elif kind == "list":
+                out += [f"- {_md_cell(item)}" for item in body[0]]
+            elif kind == "code":
+                out += ["```json", body[0], "```"]
+            else:
+                header, rows = body
+                out.append("| " + " | ".join(map(_md_cell, header)) + " |")
+                out.append("|" + "---|" * len(header))
+                out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _h(text) -> str:
+    """Escape, then allow only the **bold** and `code` the section text itself uses."""
+    escaped = html.escape(str(text), quote=True)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{_h(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{_h(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _examples_html(results: dict, max_examples: int) -> str:
+    """The first N questions with the reference and every arm's answer side by side, all escaped."""
+    arms = {a: {r.get("id"): r for r in x.get("answers", [])} for a, x in _live_arms(results).items()}
+    first = next((x.get("answers", []) for x in _live_arms(results).values() if x.get("answers")), [])
+    rows = []
+    for q in first[:max_examples]:
+        cells = [
+            f"<td><b>{html.escape(str(q.get('question', '')))}</b><br><i>Reference:</i> "
+            f"{html.escape(str(q.get('reference', '')))}</td>"
+        ]
+        for by_id in arms.values():
+            ans = by_id.get(q.get("id"), {})
+            cells.append(f"<td>{html.escape(str(ans.get('answer', '')))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "<th>question</th>" + "".join(f"<th>{html.escape(a)}</th>" for a in arms)
+    return f'<div class="wide"><table class="examples"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .5em;
+vertical-align:top;text-align:left}th{background:#f3f3f3}.wide{overflow-x:auto}.examples td{min-width:14em;
+white-space:pre-wrap}pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%;display:block;margin:1em 0}"""
+
+
+def render_html(results: dict, charts: dict[str, str], *, max_examples: int = MAX_EXAMPLES) -> str:
+    """A self-contained page: inline CSS, charts as data: URIs, every value escaped."""
+    title = html.escape(f"Evaluation report: {results.get('run', {}).get('name', 'run')}")
+    parts = [
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>',
+        f"<style>{_CSS}</style></head><body><h1>{title}</h1>",
+    ]
+    for heading, blocks in build_sections(results):
+        if heading == "Methodology":  # results first, then how they were measured
+            parts.append("<h2>Charts</h2>")
+            parts += [f'<img alt="{html.escape(t)}" src="data:image/png;base64,{png}">' for t, png in charts.items()]
+            parts += ["<h2>Example answers</h2>", _examples_html(results, max_examples)]
+        parts.append(f"<h2>{_h(heading)}</h2>")
+        for kind, *body in blocks:
+            if kind == "p":
+                parts.append(f"<p>{_h(body[0])}</p>")
+            elif kind == "list":
+                parts.append("<ul>" + "".join(f"<li>{_h(item)}</li>" for item in body[0]) + "</ul>")
+            elif kind == "code":
+                parts.append(f"<pre>{html.escape(body[0])}</pre>")
+            else:
+                parts.append(f'<div class="wide">{_html_table(*body)}</div>')
+    return "".join(parts) + "</body></html>\n"
+
+
+def write_report(results: dict, out_dir: Path, *, max_examples: int = MAX_EXAMPLES) -> dict[str, Path]:
+    """Write results.json, report.md and report.html into out_dir (each atomically); return their paths."""
+    out_dir = Path(out_dir)
+    texts = {
+        "results.json": json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+        "report.md": render_markdown(results),
+        "report.html": render_html(results, make_charts(results), max_examples=max_examples),
+    }
+    for name, text in texts.items():
+        atomic_write_text(out_dir / name, text)
+    return {"results": out_dir / "results.json", "markdown": out_dir / "report.md", "html": out_dir / "report.html"}

@@ -1,0 +1,197 @@
+"""Report rendering from a small synthetic results dict: files, charts, escaping, atomicity."""
+
+import json
+import math
+import re
+
+import pytest
+
+from pipeline.report import fmt_stats, render_markdown, write_report
+
+XSS = "<script>alert('pwned')</script>"
+
+
+def stats(mean, width=0.1, n=3):
+    return {"mean": mean, "low": mean - width, "high": mean + width, "n": n}
+
+
+def answers(arm):
+    return [
+        {
+            "id": f"q{i}",
+            "question": f"Question {i}?",
+            "reference": f"Reference {i}.",
+            "answer": XSS if (arm == "rag" and i == 0) else f"{arm} answer {i} [1].",
+            "prompt": "p",
+            "contexts": ["ctx"],
+            "citations": [1],
+            "test_set": "domain",
+            "scores": {"token_f1": 0.5},
+        }
+        for i in range(3)
+    ]
+
+
+def make_results():
+    arms = {
+        name: {
+            "metrics": {
+                "token_f1": stats(0.3 + 0.1 * i),
+                "rouge_l": stats(0.2 + 0.1 * i),
+                "groundedness": stats(0.5, n=2),
+                "citation_precision": {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0},
+                "custom_metric": stats(0.4),
+            },
+            "by_test_set": {"out_of_kb": {"refusal_rate": stats(0.2 * i)}},
+            "latency_s": {**stats(1.0 + i), "p50": 1.0, "p95": 2.0},
+            "tokens_per_s": 12.5,
+            "answers": answers(name),
+        }
+        for i, name in enumerate(["base", "rag", "rag+lora-domain"])
+    }
+    arms["lora-subdomain"] = {"skipped": "adapter not trained (no GPU)"}
+    return {
+        "run": {
+            "name": "smoke",
+            "created": "2025-01-01T00:00:00Z",
+            "git_commit": "abc1234",
+            "model": "tiny-model",
+            "data_version": "1",
+            "config": {"retrieval": {"k": 5}},
+        },
+        "test_sets": {"out_of_kb": {"description": "Questions the FAQ cannot answer.", "n": 3}},
+        "arms": arms,
+        "comparisons": [{"a": "rag", "b": "base", "metric": "token_f1", "diff": 0.1, "low": 0.02, "high": 0.2}],
+        "stages": {
+            "general": {"train_loss_curve": [[1, 2.0], [2, 1.5]], "val_loss": 1.6, "trainable_params": 1_000_000},
+            "domain": {"train_loss_curve": [[1, 1.8], [2, 1.2]], "val_loss": 1.3, "adapter_bytes": 4096},
+        },
+        "forgetting": {"base": {"token_f1": stats(0.4)}, "general": {"token_f1": stats(0.45)}},
+        "retrieval": {"hybrid": {"hit@1": stats(0.6), "hit@5": stats(0.9), "mrr": stats(0.7)}},
+        "groundedness_calibration": {
+            "threshold": 0.55,
+            "balanced_accuracy": 0.9,
+            "true_positive_rate": 0.88,
+            "true_negative_rate": 0.92,
+            "n_supported": 100,
+            "n_unsupported": 100,
+        },
+        "notes": ["Synthetic run for tests."],
+    }
+
+
+@pytest.fixture
+def results():
+    return make_results()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """One rendered report shared by the read-only tests (charts take about a second to draw)."""
+    out = tmp_path_factory.mktemp("report") / "out"
+    return write_report(make_results(), out)
+
+
+def test_write_report_creates_all_three_files_and_no_temp_files(written):
+    paths = written
+    assert set(paths) == {"results", "markdown", "html"}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+    assert sorted(p.name for p in paths["html"].parent.iterdir()) == ["report.html", "report.md", "results.json"]
+
+
+def test_results_json_is_strict_json_with_nan_as_null(written):
+    text = written["results"].read_text()
+    loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert loaded["arms"]["base"]["metrics"]["citation_precision"]["mean"] is None
+
+
+def test_html_names_every_arm_and_embeds_one_image_per_chart(results, written):
+    page = written["html"].read_text()
+    for arm in results["arms"]:
+        assert arm in page
+    charts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page)
+    prefixes = ["Answer quality", "Grounding", "Other", "Test set out_of_kb", "Training loss", "Forgetting", "Latency"]
+    assert len(charts) == len(prefixes) + 1
+    assert all(c.startswith(p) for c, p in zip(charts, [*prefixes, "Retrieval"], strict=True))
+    assert page.count("<img") == len(charts)
+    assert page.count('src="data:image/png;base64,') == len(charts)
+
+
+def test_html_is_self_contained_and_names_model_data_config_and_commit(written):
+    page = written["html"].read_text()
+    for fact in ("tiny-model", "abc1234", "data_version", "&quot;k&quot;: 5"):
+        assert fact in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
+    assert "<link" not in page and "@import" not in page
+
+
+def test_untrusted_answer_is_escaped_in_html(written):
+    page = written["html"].read_text()
+    assert XSS not in page
+    assert "&lt;script&gt;alert(&#x27;pwned&#x27;)&lt;/script&gt;" in page
+    assert "<script" not in page.lower()
+
+
+def test_untrusted_names_and_notes_are_escaped_too(results, tmp_path):
+    results["arms"]["<img src=x onerror=alert(1)>"] = {"skipped": XSS}
+    results["notes"].append(XSS)
+    results["run"]["model"] = "<i>model</i>"
+    page = write_report(results, tmp_path)["html"].read_text()
+    assert "<img src=x" not in page and "<script" not in page.lower() and "<i>model</i>" not in page
+    assert "&lt;i&gt;model&lt;/i&gt;" in page
+
+
+def test_skipped_arms_are_listed_with_reason_and_not_charted(results, written):
+    for text in (written["markdown"].read_text(), written["html"].read_text()):
+        assert "lora-subdomain" in text and "adapter not trained (no GPU)" in text
+    headline = render_markdown(results).split("## Headline")[1].split("##")[0]
+    assert "lora-subdomain" not in headline
+
+
+def test_markdown_has_headline_ci_cells_test_sets_methodology_and_run_identity(results):
+    md = render_markdown(results)
+    assert "| rag | 3 | 0.400 [0.300, 0.500] |" in md  # first metric column is token_f1
+    assert "0.500 [0.400, 0.600] (n=2)" in md  # groundedness measured on fewer questions than the arm answered
+    assert "## Test set: out_of_kb" in md and "Questions the FAQ cannot answer." in md
+    assert "## Methodology" in md and "balanced accuracy" in md and "bootstrap" in md
+    for fact in ("tiny-model", "abc1234", "**data_version**: 1", '"k": 5'):
+        assert fact in md
+    assert "n/a" in md  # citation precision never measured
+
+
+def test_markdown_escapes_pipes_in_table_cells(results):
+    results["arms"]["a|b"] = results["arms"].pop("rag")
+    assert "| a\\|b |" in render_markdown(results)
+
+
+def test_report_from_minimal_results_has_no_charts_but_renders(tmp_path):
+    minimal = {"run": {"name": "empty"}, "arms": {"base": {"skipped": "no model"}}}
+    paths = write_report(minimal, tmp_path)
+    page = paths["html"].read_text()
+    assert "<img" not in page and "no model" in page
+
+
+def test_failed_render_leaves_previous_report_untouched_and_no_temp_files(results, tmp_path):
+    paths = write_report(results, tmp_path)
+    before = {p: p.read_bytes() for p in paths.values()}
+    results["stages"]["general"]["train_loss_curve"] = [["not a step", "nor a loss"]]
+    with pytest.raises(ValueError):
+        write_report(results, tmp_path)
+    assert {p: p.read_bytes() for p in paths.values()} == before
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_rewriting_a_report_replaces_files_in_place(results, tmp_path):
+    write_report(results, tmp_path)
+    results["run"]["git_commit"] = "def5678"
+    paths = write_report(results, tmp_path)
+    assert "def5678" in paths["markdown"].read_text()
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [({"mean": 0.5, "low": 0.4, "high": 0.6}, "0.500 [0.400, 0.600]"), ({"mean": None}, "n/a"), (0.25, "0.250")],
+)
+def test_fmt_stats(value, text):
+    assert fmt_stats(value) == text
