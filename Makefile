@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data index search finetune merge serve chat eval demo test test-slow lint format clean
+.PHONY: setup data index search finetune merge serve chat eval demo test test-slow lint format clean retrieval-quality
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,3 +60,6 @@ test-slow: setup
 
 clean:
 	rm -rf artifacts reports
+
+retrieval-quality: setup
+	$(PY) bench/retrieval_quality.py --config $(CONFIG)

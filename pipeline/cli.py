@@ -46,6 +46,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     ic = cfg.index
     docs = args.docs or ic.docs
     out = args.out or cfg.paths.index_dir
+    missing = [d for d in docs if not Path(d).exists()]
+    if missing:  # before loading the embedder, so a typo fails in milliseconds
+        raise RagloraError(f"documents not found: {', '.join(missing)}")
     embedder = load_embedder(ic.embedder)
     report = build_index(
         docs,
