@@ -111,6 +111,55 @@ def load_general_conversations() -> list[dict]:
     return rows
 
 
+# Questions a construction company's bot must decline (it should say so and offer a human). Written
+# by hand so the set is fixed and reviewable; general-knowledge questions are added from the general
+# test split at build time.
+OTHER_COMPANY_QUESTIONS = [
+    "How do I reset the password for my online bank account?",
+    "What time does the nearest pharmacy close today?",
+    "Can you book me a table at a restaurant in Helsingborg tonight?",
+    "How do I change the tyres on my Volvo XC60?",
+    "What is the baggage allowance on a flight to London?",
+    "How do I cancel my mobile phone subscription?",
+    "Which streaming service has the best films this month?",
+    "How much does a Netflix subscription cost in Sweden?",
+    "Can you recommend a good dentist near me?",
+    "How do I apply for a Swedish passport?",
+    "What is the weather forecast for Stockholm tomorrow?",
+    "How do I return a sofa I bought from IKEA?",
+    "What are the train times from Malmö to Copenhagen?",
+    "How do I file a complaint about my electricity bill with my energy supplier?",
+    "Which vaccines does my dog need before travelling abroad?",
+    "How do I set up two-factor authentication on my e-mail?",
+    "What is the best diet to lose weight quickly?",
+    "Can you help me write a cover letter for a nursing job?",
+    "How do I transfer my pension to another fund manager?",
+    "What is the interest rate on a savings account at my bank?",
+]
+GENERAL_KNOWLEDGE_CATEGORIES = ("trivia", "science", "history", "literature", "movies", "sports", "food", "politics")
+
+
+def out_of_kb_questions(general_test: list[dict], *, seed: int, n_general: int = 30) -> list[dict]:
+    """Questions outside the knowledge base: fixed other-company ones plus seeded general-knowledge ones."""
+    pool = sorted(
+        {
+            r["messages"][0]["content"]
+            for r in general_test
+            if r["category"] in GENERAL_KNOWLEDGE_CATEGORIES and r["messages"][0]["content"].endswith("?")
+        }
+    )
+    general = random.Random(f"{seed}:out-of-kb").sample(pool, min(n_general, len(pool)))
+    rows = [
+        {"id": f"other-company-{i:03d}", "kind": "other-company", "question": q}
+        for i, q in enumerate(OTHER_COMPANY_QUESTIONS)
+    ]
+    rows += [
+        {"id": f"general-knowledge-{i:03d}", "kind": "general-knowledge", "question": q}
+        for i, q in enumerate(sorted(general))
+    ]
+    return rows
+
+
 def _move_duplicate_questions_to_train(splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """The FAQ repeats a few questions under two ids; a held-out copy of a trained question would leak."""
     trained = {" ".join(r["question"].lower().split()) for r in splits["train"]}
@@ -169,6 +218,7 @@ def build_datasets(
             _faq_example(r) for r in faq_splits[split] if split == "train" or r["category"] not in sub
         ]
         files[f"subdomain/{split}.jsonl"] = [_faq_example(r) for r in faq_splits[split] if r["category"] in sub]
+    files["eval/out_of_kb.jsonl"] = out_of_kb_questions(general["test"], seed=seed)
     return files
 
 

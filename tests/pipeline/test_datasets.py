@@ -54,11 +54,12 @@ def test_subdomain_holds_only_configured_categories_and_domain_eval_excludes_the
         assert {r["category"] for r in files[f"subdomain/{split}.jsonl"]} == sub
     assert not {r["category"] for r in files["domain/test.jsonl"]} & sub
     assert len(files["kb/faq.jsonl"]) == 503
+    assert {r["kind"] for r in files["eval/out_of_kb.jsonl"]} == {"other-company", "general-knowledge"}
 
 
 def test_every_example_is_a_user_assistant_conversation(files):
     for rel, rows in files.items():
-        if rel.startswith("kb/"):
+        if rel.startswith(("kb/", "eval/")):
             continue
         assert rows, rel
         for r in rows:
