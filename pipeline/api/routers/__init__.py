@@ -1,0 +1,1 @@
+"""One router per concern: chat completions, models, conversations, operations, the web page."""

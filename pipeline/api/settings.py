@@ -1,0 +1,71 @@
+"""The `serve` config section: the chat API, the answer pipeline defaults and the dynamic batcher."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["base", "rag", "lora", "rag+lora"]
+MODES: tuple[str, ...] = ("base", "rag", "lora", "rag+lora")
+STAGE_ORDER: tuple[str, ...] = ("general", "domain", "subdomain")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Bearer keys; RAGLORA_API_KEYS (comma-separated) adds to these. None at all: loopback only, no auth.
+    api_keys: list[str] = []
+    rate_limit_per_minute: int = Field(60, ge=1)  # per key, token bucket (burst = the same number)
+    max_body_bytes: int = Field(65536, ge=1024)
+    max_message_chars: int = Field(4000, ge=1)
+    max_messages: int = Field(50, ge=1)
+    db_path: str = "artifacts/conversations.db"
+    # Dynamic batching: a worker collects up to max_batch_size requests within batch_wait_ms.
+    batching: bool = True
+    batch_wait_ms: float = Field(10.0, ge=0)
+    max_batch_size: int = Field(8, ge=1)
+    # Stage adapters: "merged" keeps one pre-merged copy per stage (fastest per token: ~1.5x the decode speed
+    # of stacking r=16 adapters on CPU, but one model copy per stage in memory and a slower start); "stack"
+    # activates the parents' adapters with the stage's own on one shared base (identical outputs for LoRA,
+    # one copy in memory, ~20 ms set_adapter per switch).
+    adapter_strategy: Literal["stack", "merged"] = "merged"
+    # Hand over to a person when the best retrieval relevance (cosine similarity of a dense search) is below this.
+    handoff_threshold: float | None = 0.3
+    default_mode: Mode = "rag+lora"
+    default_stage: str | None = None  # None: the deepest trained stage
+    max_new_tokens_default: int = Field(256, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    cors_origins: list[str] = []
+    graceful_shutdown_s: float = Field(30.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("default_stage")
+    @classmethod
+    def _known_stage(cls, v: str | None) -> str | None:
+        if v is not None and v not in STAGE_ORDER:
+            raise ValueError(f"must be one of {', '.join(STAGE_ORDER)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _limits(self) -> ServeConfig:
+        if self.max_new_tokens_default > self.max_new_tokens_limit:
+            raise ValueError("max_new_tokens_default must not exceed max_new_tokens_limit")
+        return self
+
+    def resolved_api_keys(self) -> list[str]:
+        env = [k.strip() for k in os.environ.get("RAGLORA_API_KEYS", "").split(",") if k.strip()]
+        return list(dict.fromkeys([*self.api_keys, *env]))
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,572 @@
+"""Generation: one base model with switchable stage adapters, and a dynamic batcher that streams tokens.
+
+`StageModels` loads the base once and attaches every trained stage adapter (PEFT multi-adapter). Stage N's
+adapter was trained on base + merged earlier stages (its manifest's `parents`); for LoRA that is exactly the
+base with the parents' and the stage's adapters active together (each adds its own low-rank delta to the same
+linear layers), so the default `stack` strategy activates `[*parents, stage]` on the shared base. The
+`merged` strategy instead keeps one pre-merged copy per stage (more memory, no LoRA overhead per token).
+Base modes run under `disable_adapter()`. Nothing is reloaded when a request switches stage.
+
+`Generator` owns the model in one worker thread: concurrent requests queue, the worker collects up to
+`max_batch_size` within `batch_wait_ms`, groups them by (stage, sampling parameters), left-pads and runs
+`model.generate` (KV cache, greedy unless a temperature is given). Tokens are streamed back per request
+through a batch-aware streamer; a per-row stopping criterion honours each request's own `max_new_tokens`
+and cancellation (client disconnect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from retriever.errors import RagloraError
+
+log = logging.getLogger("raglora.generate")
+
+STAGE_ORDER = ("general", "domain", "subdomain")
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
+# -- stage adapters ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    name: str
+    path: Path
+    parents: tuple[str, ...]
+    method: str = "lora"
+    dora: bool = False
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return (*self.parents, self.name)
+
+
+def discover_stages(adapters_dir: str | Path | None) -> list[StageInfo]:
+    """Trained stage adapters under `<adapters_dir>/<stage>/` (PEFT folder + manifest.json), ordered."""
+    if adapters_dir is None or not Path(adapters_dir).is_dir():
+        return []
+    found: dict[str, StageInfo] = {}
+    for sub in sorted(Path(adapters_dir).iterdir()):
+        if not (sub / "adapter_config.json").is_file():
+            continue
+        data: dict = {}
+        manifest = sub / "manifest.json"
+        if manifest.is_file():
+            try:
+                data = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise RagloraError(f"adapter manifest {manifest} is not valid JSON: {exc}") from None
+        found[sub.name] = StageInfo(
+            sub.name,
+            sub,
+            tuple(data.get("parents") or ()),
+            str(data.get("method", "lora")),
+            bool((data.get("lora") or {}).get("use_dora", False)),
+        )
+    for info in found.values():
+        missing = [p for p in info.parents if p not in found]
+        if missing:
+            raise RagloraError(
+                f"stage adapter {info.name} was trained on top of {', '.join(missing)}, which is not under "
+                f"{adapters_dir}: train it first (raglora finetune --stages {','.join(missing)})"
+            )
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    return sorted(found.values(), key=lambda s: (len(s.parents), order.get(s.name, len(order)), s.name))
+
+
+class StageModels:
+    """The base model plus every stage adapter, loaded once; `use(stage)` switches without reloading.
+
+    `adapter_loads` counts adapter weight loads (tests assert it does not grow when requests switch stage).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        adapters_dir: str | Path | None = None,
+        *,
+        strategy: str = "stack",
+        stages: list[StageInfo] | None = None,
+    ):
+        if strategy not in ("stack", "merged"):
+            raise RagloraError(f"adapter strategy must be 'stack' or 'merged', got {strategy!r}")
+        self.tokenizer = tokenizer
+        self.strategy = strategy
+        self.stages: dict[str, StageInfo] = {s.name: s for s in (stages or discover_stages(adapters_dir))}
+        self.adapter_loads = 0
+        self.switches = 0
+        self._active: tuple[str, ...] | None = None
+        model.eval()
+        self.base = model
+        self.peft = None
+        self.merged: dict[str, torch.nn.Module] = {}
+        if not self.stages:
+            return
+        for info in self.stages.values():
+            if info.method not in ("lora", "ia3"):
+                raise RagloraError(f"stage {info.name}: serving {info.method} stages is not supported (LoRA/IA3 only)")
+            if strategy == "stack" and (info.method != "lora" or info.dora):
+                raise RagloraError(
+                    f"stage {info.name} is {'DoRA' if info.dora else info.method}: only plain LoRA stages can be "
+                    "stacked per request; set serve.adapter_strategy=merged"
+                )
+        if strategy == "stack":
+            self.peft = self._load_stacked(model)
+        else:
+            self.merged = {name: self._load_merged(model, info) for name, info in self.stages.items()}
+
+    # Loading ------------------------------------------------------------------------------------------------
+
+    def _load_stacked(self, model):
+        from peft import PeftModel
+
+        peft_model = None
+        for info in self.stages.values():
+            try:
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(model, str(info.path), adapter_name=info.name)
+                else:
+                    peft_model.load_adapter(str(info.path), adapter_name=info.name)
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise RagloraError(f"cannot load stage adapter {info.path}: {exc}") from None
+            self.adapter_loads += 1
+        peft_model.eval()
+        return peft_model
+
+    def _load_merged(self, model, info: StageInfo):
+        from peft import PeftModel
+
+        merged = copy.deepcopy(model)
+        for name in info.chain:
+            try:
+                merged = PeftModel.from_pretrained(merged, str(self.stages[name].path)).merge_and_unload()
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise RagloraError(f"cannot merge stage adapter {self.stages[name].path}: {exc}") from None
+            self.adapter_loads += 1
+        merged.eval()
+        return merged
+
+    # Use ----------------------------------------------------------------------------------------------------
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.stages)
+
+    @property
+    def deepest_stage(self) -> str | None:
+        return self.stage_names[-1] if self.stages else None
+
+    @property
+    def context_window(self) -> int:
+        cfg = self.base.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(self.tokenizer, "model_max_length", 2048))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def check_stage(self, stage: str | None) -> None:
+        if stage is not None and stage not in self.stages:
+            have = ", ".join(self.stages) or "none trained"
+            raise RagloraError(f"stage adapter {stage!r} is not available (have: {have})")
+
+    @contextlib.contextmanager
+    def use(self, stage: str | None):
+        """Yield the module to run for `stage` (None: the plain base model)."""
+        self.check_stage(stage)
+        if stage is None:
+            if self.peft is None:
+                yield self.base
+            else:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            return
+        if self.strategy == "merged":
+            yield self.merged[stage]
+            return
+        chain = self.stages[stage].chain
+        if self._active != chain:
+            self.peft.base_model.set_adapter(list(chain), inference_mode=True)
+            self._active = chain
+            self.switches += 1
+        yield self.peft
+
+
+# -- requests and streaming ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        # Sampling at temperature -> 0 is greedy decoding; below this, logits / temperature overflow to inf and
+        # torch.multinomial fails ("probability tensor contains inf/nan"), so such requests decode greedily.
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
+
+    def group_key(self) -> tuple:
+        return ("greedy",) if self.greedy else ("sample", self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str  # stop | length | cancelled | error
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    total_s: float
+    batch_size: int
+
+
+_END = object()
+
+
+class GenerationHandle:
+    """One queued request. Iterate (sync) or `astream()` (async) for text deltas; `result()` waits for the end."""
+
+    def __init__(self, prompt_ids: list[int], stage: str | None, params: SamplingParams, loop=None):
+        self.id = uuid.uuid4().hex[:12]
+        self.prompt_ids = list(prompt_ids)
+        self.stage = stage
+        self.params = params
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.batch_size = 0
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._loop = loop
+        self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.Queue()
+
+    # producer side (worker thread)
+    def _emit(self, item) -> None:
+        if self._loop is None:
+            self._q.put(item)
+            return
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._q.put_nowait, item)
+
+    def _push_delta(self, delta: str) -> None:
+        if delta:
+            self.text += delta
+            self._emit(delta)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return
+        self.finish_reason = reason
+        self.error = error
+        self.finished_at = time.perf_counter()
+        self._done.set()
+        self._emit(_END)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the worker notices at its next token)."""
+        self._cancel.set()
+
+    # consumer side
+    def __iter__(self) -> Iterator[str]:
+        if self._loop is not None:
+            raise RuntimeError("this handle was submitted with an event loop: use astream()")
+        while True:
+            item = self._q.get()
+            if item is _END:
+                break
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    async def astream(self) -> AsyncIterator[str]:
+        if self._loop is None:
+            raise RuntimeError("this handle was submitted without an event loop: iterate it instead")
+        while True:
+            item = await self._q.get()
+            if item is _END:
+                break
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return GenerationResult(
+            text=self.text,
+            finish_reason=self.finish_reason or "stop",
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.token_ids),
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.submitted,
+            total_s=(self.finished_at or time.perf_counter()) - self.submitted,
+            batch_size=self.batch_size,
+        )
+
+
+class _RowStreamer(BaseStreamer):
+    """Splits each generated token column across the batch's handles and detokenizes incrementally."""
+
+    def __init__(self, handles: list[GenerationHandle], tokenizer, eos_ids: set[int]):
+        self.handles = handles
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt ids
+            self._prompt_seen = True
+            return
+        tokens = value.reshape(len(self.handles), -1)[:, -1].tolist()
+        now = time.perf_counter()
+        for handle, tok in zip(self.handles, tokens, strict=True):
+            if handle.done:
+                continue
+            if handle.cancelled:
+                handle._finish("cancelled")
+                continue
+            if tok in self.eos_ids:
+                self._flush(handle)
+                handle._finish("stop")
+                continue
+            if handle.first_token_at is None:
+                handle.first_token_at = now
+            handle.token_ids.append(tok)
+            self._flush(handle, final=False)
+            if len(handle.token_ids) >= handle.params.max_new_tokens:
+                self._flush(handle)
+                handle._finish("length")
+
+    def _flush(self, handle: GenerationHandle, final: bool = True) -> None:
+        text = self.tokenizer.decode(handle.token_ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        if text.startswith(handle.text):
+            handle._push_delta(text[len(handle.text) :])
+
+    def end(self) -> None:
+        for handle in self.handles:
+            if not handle.done:
+                self._flush(handle)
+                handle._finish("cancelled" if handle.cancelled else "stop")
+
+
+class _RowStop(StoppingCriteria):
+    def __init__(self, handles: list[GenerationHandle]):
+        self.handles = handles
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        flags = [h.done or h.cancelled for h in self.handles]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return ids
+
+
+class Generator:
+    """Owns the model in one worker thread; `submit()` from any thread or event loop."""
+
+    def __init__(
+        self,
+        models: StageModels,
+        *,
+        batching: bool = True,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 10.0,
+        on_batch: Callable[[int, str | None, float], None] | None = None,
+    ):
+        self.models = models
+        self.tokenizer = models.tokenizer
+        self.batching = batching
+        self.max_batch_size = max_batch_size if batching else 1
+        self.batch_wait_s = batch_wait_ms / 1000.0 if batching else 0.0
+        self.on_batch = on_batch
+        self.eos_ids = eos_token_ids(models.base, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids) if self.eos_ids else 0
+        self.batches_run = 0
+        self.batch_sizes: list[int] = []
+        self._q: queue.Queue[GenerationHandle | None] = queue.Queue()
+        self._closing = False
+        self._thread = threading.Thread(target=self._worker, name="raglora-generator", daemon=True)
+        self._thread.start()
+
+    # API ---------------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        *,
+        stage: str | None = None,
+        params: SamplingParams | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> GenerationHandle:
+        if self._closing:
+            raise RagloraError("the server is shutting down; retry shortly")
+        if not prompt_ids:
+            raise RagloraError("empty prompt")
+        self.models.check_stage(stage)
+        handle = GenerationHandle(prompt_ids, stage, params or SamplingParams(), loop=loop)
+        self._q.put(handle)
+        return handle
+
+    def generate(
+        self, prompt_ids: list[int], *, stage: str | None = None, params: SamplingParams | None = None
+    ) -> GenerationResult:
+        return self.submit(prompt_ids, stage=stage, params=params).result()
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop accepting requests, finish the queued and running ones, stop the worker."""
+        if self._closing:
+            return
+        self._closing = True
+        self._q.put(None)
+        self._thread.join(timeout)
+
+    # Worker ------------------------------------------------------------------------------------------------
+
+    def _collect(self, first: GenerationHandle) -> tuple[list[GenerationHandle], bool]:
+        batch = [first]
+        stop = False
+        deadline = time.perf_counter() + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _worker(self) -> None:
+        stop = False
+        while not stop:
+            first = self._q.get()
+            if first is None:
+                # drain anything that raced in behind the sentinel
+                pending = []
+                while True:
+                    try:
+                        item = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        pending.append(item)
+                if not pending:
+                    break
+                batch, stop = pending, True
+            else:
+                batch, stop = self._collect(first)
+            groups: dict[tuple, list[GenerationHandle]] = {}
+            for handle in batch:
+                if handle.cancelled:
+                    handle._finish("cancelled")
+                    continue
+                groups.setdefault((handle.stage, handle.params.group_key()), []).append(handle)
+            for (stage, _), handles in groups.items():
+                for i in range(0, len(handles), self.max_batch_size):
+                    self._run_group(handles[i : i + self.max_batch_size], stage)
+
+    def _run_group(self, handles: list[GenerationHandle], stage: str | None) -> None:
+        started = time.perf_counter()
+        try:
+            device = self.models.device
+            width = max(len(h.prompt_ids) for h in handles)
+            ids = torch.full((len(handles), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(handles), width), dtype=torch.long)
+            for row, h in enumerate(handles):
+                n = len(h.prompt_ids)
+                ids[row, width - n :] = torch.tensor(h.prompt_ids, dtype=torch.long)
+                mask[row, width - n :] = 1
+                h.batch_size = len(handles)
+            params = handles[0].params
+            gen_cfg = GenerationConfig(
+                max_new_tokens=max(h.params.max_new_tokens for h in handles),
+                do_sample=not params.greedy,
+                temperature=None if params.greedy else params.temperature,
+                top_p=None if params.greedy else params.top_p,
+                top_k=None,
+                eos_token_id=sorted(self.eos_ids) or None,
+                pad_token_id=self.pad_id,
+            )
+            if not params.greedy and params.seed is not None:
+                torch.manual_seed(params.seed)
+            streamer = _RowStreamer(handles, self.tokenizer, self.eos_ids)
+            with torch.inference_mode(), self.models.use(stage) as model:
+                model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    generation_config=gen_cfg,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_RowStop(handles)]),
+                )
+            streamer.end()
+        except Exception as exc:  # never kill the worker: fail this group's requests instead
+            log.exception("generation failed for a batch of %d", len(handles))
+            for h in handles:
+                h._finish("error", RagloraError(f"generation failed: {type(exc).__name__}"))
+        self.batches_run += 1
+        self.batch_sizes.append(len(handles))
+        if self.on_batch is not None:
+            with contextlib.suppress(Exception):
+                self.on_batch(len(handles), stage, time.perf_counter() - started)
+
+
+__all__ = [
+    "GenerationHandle",
+    "GenerationResult",
+    "Generator",
+    "SamplingParams",
+    "StageInfo",
+    "StageModels",
+    "discover_stages",
+    "eos_token_ids",
+]

@@ -1,0 +1,144 @@
+"""The generator: batched == one-at-a-time greedy, stage switching without reloads, stacked == merged."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from helpers import STAGES, prompt_ids
+from tiny_model import make_tiny_model, make_tiny_tokenizer
+
+from pipeline.generate import Generator, SamplingParams, StageModels, discover_stages
+from retriever.errors import RagloraError
+
+QUESTIONS = ["hello", "Do I need a building permit for an extension?", "What does a permit cost in Stockholm, roughly?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def stacked(tok, adapters_dir):
+    models = StageModels(make_tiny_model(tok), tok, adapters_dir)
+    gen = Generator(models, batching=True, max_batch_size=8, batch_wait_ms=50)
+    yield gen
+    gen.close()
+
+
+def test_discovers_stages_in_order_with_parents(adapters_dir):
+    stages = discover_stages(adapters_dir)
+    assert [s.name for s in stages] == list(STAGES)
+    assert stages[2].chain == STAGES
+
+
+def test_missing_parent_is_a_clear_error(tmp_path, adapters_dir):
+    import shutil
+
+    shutil.copytree(adapters_dir / "domain", tmp_path / "domain")
+    with pytest.raises(RagloraError, match="general"):
+        discover_stages(tmp_path)
+
+
+@pytest.mark.parametrize("stage", [None, *STAGES])
+def test_batched_equals_sequential_greedy(stacked, tok, stage):
+    params = SamplingParams(max_new_tokens=12)
+    prompts = [prompt_ids(tok, q) for q in QUESTIONS]
+    sequential = [stacked.generate(p, stage=stage, params=params).text for p in prompts]
+    handles = [stacked.submit(p, stage=stage, params=params) for p in prompts]
+    results = [h.result(timeout=30) for h in handles]
+    assert [r.text for r in results] == sequential
+    assert max(r.batch_size for r in results) > 1  # they really ran together
+    assert len({len(p) for p in prompts}) == 3  # and needed left padding
+
+
+def test_stages_change_outputs_and_switching_does_not_reload(stacked, tok):
+    params = SamplingParams(max_new_tokens=10)
+    p = prompt_ids(tok, QUESTIONS[1])
+    loads = stacked.models.adapter_loads
+    outs = {stage: stacked.generate(p, stage=stage, params=params).text for stage in [None, *STAGES]}
+    again = {stage: stacked.generate(p, stage=stage, params=params).text for stage in reversed([None, *STAGES])}
+    assert outs == again
+    assert len(set(outs.values())) == 4  # each adapter (stack) changes the output
+    assert stacked.models.adapter_loads == loads == len(STAGES)
+
+
+def test_mixed_stage_batch_is_grouped(stacked, tok):
+    params = SamplingParams(max_new_tokens=8)
+    p = prompt_ids(tok, QUESTIONS[0])
+    expected = {s: stacked.generate(p, stage=s, params=params).text for s in [None, "domain"]}
+    handles = [stacked.submit(p, stage=s, params=params) for s in [None, "domain", None, "domain"]]
+    assert [h.result(timeout=30).text for h in handles] == [expected[h.stage] for h in handles]
+
+
+def test_stacked_adapters_equal_pre_merged_copies(tok, adapters_dir, stacked):
+    merged = Generator(StageModels(make_tiny_model(tok), tok, adapters_dir, strategy="merged"), batching=False)
+    try:
+        params = SamplingParams(max_new_tokens=10)
+        for stage in STAGES:
+            p = prompt_ids(tok, QUESTIONS[2])
+            assert (
+                merged.generate(p, stage=stage, params=params).text
+                == stacked.generate(p, stage=stage, params=params).text
+            )
+    finally:
+        merged.close()
+
+
+def test_per_request_max_tokens_and_stream_deltas(stacked, tok):
+    p = prompt_ids(tok, QUESTIONS[1])
+    short = stacked.submit(p, params=SamplingParams(max_new_tokens=3))
+    long = stacked.submit(p, params=SamplingParams(max_new_tokens=9))
+    deltas = list(long)
+    assert "".join(deltas) == long.result().text
+    r_short, r_long = short.result(timeout=30), long.result(timeout=30)
+    assert r_short.completion_tokens <= 3 and r_long.completion_tokens <= 9
+    assert r_short.finish_reason in ("length", "stop")
+    assert r_long.ttft_s is not None and r_long.ttft_s > 0
+
+
+def test_sampling_params_are_honoured_and_seeded(stacked, tok):
+    p = prompt_ids(tok, QUESTIONS[0])
+    a = stacked.generate(p, params=SamplingParams(max_new_tokens=10, temperature=1.5, top_p=0.9, seed=7)).text
+    b = stacked.generate(p, params=SamplingParams(max_new_tokens=10, temperature=1.5, top_p=0.9, seed=7)).text
+    greedy = stacked.generate(p, params=SamplingParams(max_new_tokens=10)).text
+    assert a == b
+    assert a != greedy
+
+
+def test_cancel_stops_generation(tok):
+    gen = Generator(StageModels(make_tiny_model(tok), tok, None), batching=False)
+    try:
+        handle = gen.submit(prompt_ids(tok, "hi"), params=SamplingParams(max_new_tokens=400))
+        handle.cancel()
+        result = handle.result(timeout=30)
+        assert result.finish_reason == "cancelled"
+        assert result.completion_tokens < 400
+    finally:
+        gen.close()
+
+
+def test_batching_off_runs_one_at_a_time(tok):
+    gen = Generator(StageModels(make_tiny_model(tok), tok, None), batching=False)
+    try:
+        handles = [gen.submit(prompt_ids(tok, q), params=SamplingParams(max_new_tokens=4)) for q in QUESTIONS]
+        assert all(h.result(timeout=30).batch_size == 1 for h in handles)
+    finally:
+        gen.close()
+
+
+def test_close_drains_queued_requests_and_refuses_new(tok):
+    gen = Generator(StageModels(make_tiny_model(tok), tok, None), batching=True, batch_wait_ms=1)
+    handles = [gen.submit(prompt_ids(tok, q), params=SamplingParams(max_new_tokens=4)) for q in QUESTIONS]
+    closer = threading.Thread(target=gen.close)
+    closer.start()
+    closer.join(30)
+    assert all(h.done and h.finish_reason in ("stop", "length") for h in handles)
+    with pytest.raises(RagloraError, match="shutting down"):
+        gen.submit(prompt_ids(tok, "hi"))
+
+
+def test_unknown_stage_is_rejected(stacked, tok):
+    with pytest.raises(RagloraError, match="not available"):
+        stacked.submit(prompt_ids(tok, "hi"), stage="nope")
