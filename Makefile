@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data index search finetune merge serve chat eval demo test test-slow lint format clean retrieval-quality
+.PHONY: setup data index search finetune merge serve chat eval demo test test-slow reliability lint format clean retrieval-quality
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,10 +39,25 @@ search: setup
 finetune: setup
 	$(RAGLORA) finetune --config $(CONFIG)
 
+merge: setup
+	$(RAGLORA) merge --config $(CONFIG) --stages general,domain,subdomain --out artifacts/merged
+
+serve: setup
+	$(RAGLORA) serve --config $(CONFIG)
+
+chat: setup
+	$(RAGLORA) chat --config $(CONFIG)
+
+eval: setup
+	$(RAGLORA) eval --config $(CONFIG)
+
+# data → index → finetune → eval; each step reuses what is already built and up to date.
 demo: setup
 	$(RAGLORA) data --config $(CONFIG)
 	$(RAGLORA) index --config $(CONFIG)
 	$(RAGLORA) search --config $(CONFIG) --k 3 "Do I need a building permit for an extension?"
+	$(RAGLORA) finetune --config $(CONFIG)
+	$(RAGLORA) eval --config $(CONFIG)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -57,6 +72,9 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+reliability: setup
+	$(PY) -m pytest -q -m slow tests/reliability
 
 clean:
 	rm -rf artifacts reports

@@ -160,6 +160,27 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.api.app import run_server
+
+    run_server(_config(args), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from pipeline.answer import chat_repl
+
+    return chat_repl(_config(args), mode=args.mode, stage=args.stage, max_new_tokens=args.max_tokens)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import run_evaluation
+
+    out = run_evaluation(_config(args), out_dir=args.out)
+    print(f"report: {out / 'report.html'}  (also report.md, results.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raglora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -196,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("merge", cmd_merge, "Merge base + stage adapters into a full model loadable by AutoModelForCausalLM.")
     p.add_argument("--stages", required=True, help="comma-separated stages to merge, in order")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+    p = add("serve", cmd_serve, "Serve the OpenAI-compatible chat API and the chat page.")
+    p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: serve.port)")
+
+    p = add("chat", cmd_chat, "Chat with the bot in the terminal (/mode, /stage, /new, /sources, /quit).")
+    p.add_argument(
+        "--mode", choices=["base", "rag", "lora", "rag+lora"], help="answer mode (default: serve.default_mode)"
+    )
+    p.add_argument("--stage", help="adapter stage (default: the deepest trained stage)")
+    p.add_argument("--max-tokens", type=int, help="maximum new tokens per answer")
+
+    p = add("eval", cmd_eval, "Compare base, RAG, LoRA and RAG+LoRA on held-out questions; write a report.")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: reports/<timestamp>)")
     return parser
 
 

@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from finetune.config import FinetuneConfig, ModelConfig
+from pipeline.api.settings import ServeConfig
+from pipeline.evaluate import EvalConfig
 from retriever.config import IndexConfig, RetrievalConfig
 from retriever.errors import RagloraError
 
@@ -71,6 +73,8 @@ class Config(BaseModel):
     retrieval: RetrievalConfig = RetrievalConfig()
     model: ModelConfig = ModelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    serve: ServeConfig = ServeConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _apply_override(raw: dict[str, Any], assignment: str) -> None:
