@@ -200,6 +200,9 @@ def _load_jsonl(text: str, path: Path, faq_include_question: bool, warnings: lis
         except json.JSONDecodeError as exc:
             warnings.append(f"{path}:{n}: bad JSON ({exc.msg}), line skipped")
             continue
+        except (ValueError, RecursionError) as exc:  # a number over Python's digit limit; nesting too deep
+            warnings.append(f"{path}:{n}: unreadable JSON ({_json_problem(exc)}), line skipped")
+            continue
         doc = faq_row_document(row, where=f"{path.as_posix()}#{n}", faq_include_question=faq_include_question)
         if isinstance(doc, str):
             warnings.append(f"{path}:{n}: {doc}, line skipped")
@@ -213,6 +216,9 @@ def _load_json(text: str, path: Path, faq_include_question: bool, warnings: list
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         warnings.append(f"{path}: bad JSON ({exc.msg} at line {exc.lineno}), skipped")
+        return []
+    except (ValueError, RecursionError) as exc:  # a number over Python's digit limit; nesting too deep
+        warnings.append(f"{path}: unreadable JSON ({_json_problem(exc)}), skipped")
         return []
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
@@ -232,6 +238,30 @@ def _load_json(text: str, path: Path, faq_include_question: bool, warnings: list
     return docs
 
 
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split(";")[0]
+
+
+def _has_surrogate(value: object) -> bool:
+    """A JSON `\\ud800` escape decodes to a lone surrogate, which cannot be hashed or written as UTF-8."""
+    stack = [value]  # iterative: rows may nest as deep as the JSON parser allows
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _row_fields(row: dict) -> tuple[str, ...] | None:
     if isinstance(row.get("text"), str):
         return ("text",)
@@ -245,6 +275,8 @@ def faq_row_document(row: object, *, where: str, faq_include_question: bool) -> 
     """One JSON row → one Document, or a string saying why the row is unusable."""
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
+    if _has_surrogate(row):
+        return "invalid Unicode (an unpaired surrogate escape such as \\ud800)"
     fields = _row_fields(row)
     if fields is None:
         return "row has no 'text' and no question/answer pair (question+answer, q+a or instruction+output)"

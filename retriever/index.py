@@ -12,6 +12,7 @@ two renames. If a crash lands between them, `load_index` reads the kept previous
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,13 @@ INDEX_TYPES = ("flat", "ivf", "hnsw")
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 16
+
+
+class IndexWriteError(RagloraError, OSError):
+    """The index could not be written (disk full, read-only, a file in the way); the previous index is intact.
+
+    Also an OSError, so callers that already handle file-system errors keep working.
+    """
 
 
 @dataclass
@@ -130,7 +138,10 @@ def build_index(
         raise RagloraError(f"index output folder must be a named folder, got {out_dir}")
     if out_dir.exists() and not out_dir.is_dir():
         raise RagloraError(f"index output path is a file, not a folder: {out_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a read-only or full file system
+        raise IndexWriteError(f"cannot create the index folder {out_dir.parent}: {exc.strerror or exc}") from exc
 
     with _build_lock(out_dir):
         _recover(out_dir)
@@ -321,7 +332,12 @@ def _build_lock(out_dir: Path):
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as handle:
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    try:
+        handle = open(lock_path, "w")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise IndexWriteError(f"cannot write the index lock file {lock_path}: {exc.strerror or exc}") from exc
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -361,12 +377,20 @@ def _check_replaceable(out_dir: Path) -> None:
 
 def _write_atomically(out_dir: Path, manifest: dict, chunks: list[Chunk], vectors: np.ndarray, faiss_index) -> None:
     tmp = _temp_dir(out_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         _write_files(tmp, manifest, chunks, vectors, faiss_index)
         _swap_into_place(tmp, out_dir)
+    except OSError as exc:  # disk full, read-only file system, ...: one clear line; the previous index is intact
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, RagloraError):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise IndexWriteError(
+            f"cannot write the index {out_dir}: {exc.strerror or exc}{where}; the previous index is unchanged"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -384,7 +408,11 @@ def _write_files(folder: Path, manifest: dict, chunks: list[Chunk], vectors: np.
         np.save(f, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
-    faiss.write_index(faiss_index, str(folder / FAISS))
+    try:
+        faiss.write_index(faiss_index, str(folder / FAISS))
+    except RuntimeError as exc:  # faiss reports a failed write (e.g. no space left) as a RuntimeError
+        detail = (str(exc).strip().splitlines() or ["write failed"])[-1]
+        raise OSError(errno.EIO, f"faiss could not write the file: {detail}", str(folder / FAISS)) from exc
     _fsync_file(folder / FAISS)
     manifest = {**manifest, "files": {name: _file_digest(folder / name) for name in (CHUNKS, VECTORS, FAISS)}}
     with open(folder / MANIFEST, "w", encoding="utf-8") as f:
@@ -492,8 +520,8 @@ def _read_manifest(path: Path) -> dict:
         raise RagloraError(f"missing index file {path}: rebuild the index with `raglora index`")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RagloraError(f"corrupt index file {path}: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 and bad JSON
+        raise RagloraError(f"corrupt index file {path}: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RagloraError(f"corrupt index file {path}: not a raglora index manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -507,6 +535,9 @@ def _read_manifest(path: Path) -> dict:
             raise TypeError("embedder name/dimension")
         if not isinstance(manifest["counts"]["chunks"], int):
             raise TypeError("counts.chunks")
+        files = manifest.get("files", {})
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise TypeError("files")
     except (KeyError, TypeError) as exc:
         raise RagloraError(f"corrupt index file {path}: missing or invalid field {exc}") from exc
     return manifest
@@ -530,7 +561,12 @@ def _read_chunks(path: Path) -> list[Chunk]:
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                chunks.append(Chunk.from_dict(json.loads(line)))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise RagloraError(f"corrupt index file {path}: line {len(chunks) + 1}: {exc}") from exc
+                chunk = Chunk.from_dict(json.loads(line))
+                if not all(isinstance(getattr(chunk, k), str) for k in ("chunk_id", "text", "source", "title")):
+                    raise TypeError("chunk_id, text, source and title must be strings")
+                if not isinstance(chunk.metadata, dict):
+                    raise TypeError("metadata must be an object")
+                chunks.append(chunk)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise RagloraError(f"corrupt index file {path}: line {len(chunks) + 1}: {str(exc)[:200]}") from exc
     return chunks
