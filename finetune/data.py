@@ -41,6 +41,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise RagloraError(f"{p}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+                except (RecursionError, ValueError) as exc:  # nesting too deep, integers too long
+                    raise RagloraError(f"{p}:{lineno}: unreadable JSON ({type(exc).__name__})") from None
                 if not isinstance(obj, dict):
                     raise RagloraError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
                 rows.append((lineno, obj))

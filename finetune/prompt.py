@@ -42,14 +42,19 @@ def load_system_prompt(path: str | Path | None, with_context: bool) -> str:
     return text
 
 
+def _defuse(text: str) -> str:
+    return text.replace(CONTEXT_END, "CONTEXT> >>").replace(CONTEXT_BEGIN, "<< <CONTEXT")
+
+
 def format_context(contexts: list[dict]) -> str:
     """`[1] (title) text` lines inside the delimited context block."""
     lines = [CONTEXT_HEADER, CONTEXT_BEGIN]
     for i, ctx in enumerate(contexts, 1):
         if not isinstance(ctx, dict) or not isinstance(ctx.get("text"), str):
             raise RagloraError(f"context {i}: expected a dict with a 'text' string, got {ctx!r:.80}")
-        title = str(ctx.get("title") or "").strip()
-        text = " ".join(ctx["text"].split())
+        # A passage must not be able to close (or reopen) the quoted block and speak outside it.
+        title = _defuse(" ".join(str(ctx.get("title") or "").split()))
+        text = _defuse(" ".join(ctx["text"].split()))
         lines.append(f"[{i}] ({title}) {text}" if title else f"[{i}] {text}")
     lines.append(CONTEXT_END)
     return "\n".join(lines)

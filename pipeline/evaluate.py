@@ -42,8 +42,8 @@ class EvalConfig(BaseModel):
 
     arms: list[str] = ["base", "rag", "lora", "rag+lora", "oracle"]  # lora / rag+lora expand to every stage
     stages: list[str] | None = None  # default: every trained stage
-    max_questions: dict[str, int] = {"domain": 40, "subdomain": 12, "out_of_kb": 20, "general": 24}
-    max_new_tokens: int = Field(64, gt=0)
+    max_questions: dict[str, int] = {"domain": 20, "subdomain": 12, "out_of_kb": 12, "general": 12}
+    max_new_tokens: int = Field(48, gt=0)
     batch_size: int = Field(16, gt=0)
     speedup_questions: int = Field(8, ge=0)  # answered one at a time and batched, to report the speed-up
     bootstrap_resamples: int = Field(1000, gt=0)
@@ -244,8 +244,8 @@ def calibrate_groundedness(kb_rows: list[dict], embed, n_pairs: int, seed: int =
         j = int(rng.integers(len(sentences)))
         rest = " ".join(sentences[:j] + sentences[j + 1 :])
         other = rows[int((i + 1 + rng.integers(len(rows) - 1)) % len(rows))]["answer"]
-        supported.append((sentences[j], [rest]))
-        unsupported.append((sentences[j], [other]))
+        supported.append((sentences[j], rest))
+        unsupported.append((sentences[j], other))
     result = M.calibrate_groundedness_threshold(supported, unsupported, embed)
     result["method"] = (
         "an answer sentence is supported when its best cosine similarity to a retrieved-context sentence reaches the "

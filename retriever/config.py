@@ -38,7 +38,7 @@ class RetrievalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(5, gt=0)
+    k: int = Field(3, gt=0)  # 3 passages = what RAFT training shows the model (gold + 2 distractors)
     mode: Literal["dense", "bm25", "hybrid"] = "dense"  # measured best on the FAQ (data/README.md)
     rrf_k: int = Field(60, gt=0)
     dense_weight: float = Field(1.0, ge=0)

@@ -103,3 +103,18 @@ def test_rows_without_a_reference_are_skipped_and_empty_sets_are_errors(tmp_path
     (data / "subdomain/test.jsonl").write_text("")
     with pytest.raises(RagloraError, match="test set 'subdomain' is empty"):
         load_test_sets(data, {})
+
+
+def test_groundedness_calibration_labels_pairs_from_the_knowledge_base():
+    from fake_embedder import FakeEmbedder
+
+    from pipeline.evaluate import calibrate_groundedness
+
+    rows = [
+        {"answer": f"Topic {w} is about {w} things. Every {w} needs a {w} permit. Ask the {w} office."}
+        for w in ("roof", "deck", "garage", "sauna", "fence")
+    ]
+    embedder = FakeEmbedder()
+    result = calibrate_groundedness(rows, lambda t: embedder.encode(list(t)), n_pairs=5)
+    assert result["n_supported"] == 5 and result["n_unsupported"] == 5
+    assert 0.0 <= result["threshold"] <= 1.0 and "balanced accuracy" in result["method"]

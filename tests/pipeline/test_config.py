@@ -48,3 +48,10 @@ def test_missing_config_file_and_bad_override_are_clear_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(RagloraError, match="--set expects KEY=VALUE"):
         load_config(None, ["retrieval.k"])
+
+
+def test_default_yaml_spells_out_the_code_defaults():
+    """configs/default.yaml is documentation users read; it must not drift from the models' defaults."""
+    from pipeline.config import Config
+
+    assert load_config(CONFIGS[0]) == Config()

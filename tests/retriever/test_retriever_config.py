@@ -8,7 +8,7 @@ def test_defaults_match_the_documented_contract():
     ic, rc = IndexConfig(), RetrievalConfig()
     assert ic.docs == ["data/kb"] and ic.embedder == "packaged:all-MiniLM-L6-v2"
     assert (ic.chunk_size, ic.chunk_overlap, ic.faq_include_question, ic.index_type) == (800, 100, False, "flat")
-    assert (rc.k, rc.mode, rc.rrf_k, rc.candidates) == (5, "dense", 60, 50)
+    assert (rc.k, rc.mode, rc.rrf_k, rc.candidates) == (3, "dense", 60, 50)
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,13 @@ def test_invalid_index_settings_are_rejected(kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"k": 0}, {"mode": "sparse"}, {"candidates": 0}, {"mode": "hybrid", "dense_weight": 0, "bm25_weight": 0}, {"extra": True}],
+    [
+        {"k": 0},
+        {"mode": "sparse"},
+        {"candidates": 0},
+        {"mode": "hybrid", "dense_weight": 0, "bm25_weight": 0},
+        {"extra": True},
+    ],
 )
 def test_invalid_retrieval_settings_are_rejected(kwargs):
     with pytest.raises(ValidationError):
