@@ -46,6 +46,7 @@ from finetune.train import (
     tune_cpu_malloc,
 )
 from retriever.errors import RagloraError
+from retriever.files import file_sha256
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ".checkpoints"
@@ -57,14 +58,6 @@ def _say(accelerator, msg: str) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(msg)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _digest(obj) -> str:

@@ -12,7 +12,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -20,20 +19,10 @@ from pathlib import Path
 import yaml
 
 from retriever.errors import RagloraError
+from retriever.files import atomic_write_text
 
 DATASET_VERSION = "1"
 SPLITS = ("train", "validation", "test")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _jsonl(rows: list[dict]) -> str:

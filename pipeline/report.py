@@ -47,8 +47,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.datasets import atomic_write_text
 from pipeline.metrics import METRIC_DEFINITIONS
+from retriever.files import atomic_write_text
 
 # Headline metric groups, one chart each; metrics outside every group are charted together as "Other".
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from retriever.chunking import Chunk, chunk_documents
 from retriever.documents import load_documents
 from retriever.embedder import Embedder, normalise
 from retriever.errors import RagloraError
+from retriever.files import file_sha256
 from retriever.search import Hit, build_bm25
 from retriever.search import search as run_search
 
@@ -432,11 +432,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _file_digest(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:
