@@ -54,4 +54,4 @@ def test_default_yaml_spells_out_the_code_defaults():
     """configs/default.yaml is documentation users read; it must not drift from the models' defaults."""
     from pipeline.config import Config
 
-    assert load_config(CONFIGS[0]) == Config()
+    assert load_config(CONFIGS[0].parent / "default.yaml") == Config()
