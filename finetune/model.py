@@ -320,9 +320,30 @@ def read_manifest(adapters_dir: str | Path, stage: str) -> dict:
     if not path.is_file():
         raise RagloraError(f"stage {stage!r} has not been trained: no {path} (run `raglora finetune --stages {stage}`)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RagloraError(f"{path}: malformed JSON at line {exc.lineno}") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise RagloraError(
+            f"{path}: malformed JSON{where}; retrain with `raglora finetune --stages {stage} --force`"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise RagloraError(f"{path}: expected a JSON object")
+    _check_weights(stage_dir(adapters_dir, stage), stage)
+    return manifest
+
+
+def _check_weights(folder: Path, stage: str) -> None:
+    """Read every safetensors header, so a truncated or corrupt file is named here, not deep inside PEFT."""
+    from safetensors import safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise RagloraError(
+                f"corrupt weights file {weights} ({exc}); retrain with `raglora finetune --stages {stage} --force`"
+            ) from None
 
 
 def merge_stage_into(model, adapters_dir: str | Path, stage: str, manifest: dict | None = None):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import logging
 import queue
 import threading
@@ -66,12 +65,10 @@ def discover_stages(adapters_dir: str | Path | None) -> list[StageInfo]:
         if not (sub / "adapter_config.json").is_file():
             continue
         data: dict = {}
-        manifest = sub / "manifest.json"
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise RagloraError(f"adapter manifest {manifest} is not valid JSON: {exc}") from None
+        if (sub / "manifest.json").is_file():
+            from finetune.model import read_manifest  # also checks the weights files, naming a corrupt one
+
+            data = read_manifest(adapters_dir, sub.name)
         found[sub.name] = StageInfo(
             sub.name,
             sub,
