@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data index search finetune merge serve chat eval demo test test-slow reliability lint format clean retrieval-quality
+.PHONY: setup data index search finetune merge serve chat eval demo test test-slow reliability lint format clean retrieval-quality bench bench-quick bench-train bench-generation bench-retrieval bench-api bench-e2e
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,28 @@ reliability: setup
 
 clean:
 	rm -rf artifacts reports
+
+# Every benchmark writes reports/bench/<name>.json; run_all also writes reports/bench/README.md.
+bench: setup
+	$(PY) -m bench.run_all $(BENCH_ARGS)
+
+bench-quick: setup
+	$(PY) -m bench.run_all --quick
+
+bench-train: setup
+	$(PY) -m bench.run_all --only train_throughput $(BENCH_ARGS)
+
+bench-generation: setup
+	$(PY) -m bench.run_all --only generation $(BENCH_ARGS)
+
+bench-retrieval: setup
+	$(PY) -m bench.run_all --only retrieval $(BENCH_ARGS)
+
+bench-api: setup
+	$(PY) -m bench.run_all --only api_load $(BENCH_ARGS)
+
+bench-e2e: setup
+	$(PY) -m bench.run_all --only end_to_end $(BENCH_ARGS)
 
 retrieval-quality: setup
 	$(PY) bench/retrieval_quality.py --config $(CONFIG)

@@ -82,17 +82,37 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
         raise RagloraError(f"--set expects KEY=VALUE (e.g. retrieval.k=3), got {assignment!r}")
-    node = raw
+    node: Any = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
+        if isinstance(node, list):  # finetune.stages.1.max_steps: a list index
+            node = _list_item(node, part, key)
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise RagloraError(f"--set {key}: {part!r} is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError as exc:
         raise RagloraError(f"--set {key}: value {value!r} is not valid YAML ({exc.problem})") from None
+    if isinstance(node, list):
+        node[_index(node, parts[-1], key)] = parsed
+    else:
+        node[parts[-1]] = parsed
+
+
+def _index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise RagloraError(f"--set {key}: {part!r} is not an index of a list with {len(items)} items")
+    return int(part)
+
+
+def _list_item(items: list, part: str, key: str) -> Any:
+    item = items[_index(items, part, key)]
+    if not isinstance(item, dict | list):
+        raise RagloraError(f"--set {key}: item {part} is not a section")
+    return item
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -55,3 +55,10 @@ def test_default_yaml_spells_out_the_code_defaults():
     from pipeline.config import Config
 
     assert load_config(CONFIGS[0].parent / "default.yaml") == Config()
+
+
+def test_set_indexes_into_lists_of_a_yaml_file():
+    cfg = load_config(CONFIGS[0].parent / "default.yaml", ["finetune.stages.1.max_steps=2"])
+    assert [s.max_steps for s in cfg.finetune.stages] == [15, 2, 12]
+    with pytest.raises(RagloraError, match="'7' is not an index of a list with 3 items"):
+        load_config(CONFIGS[0].parent / "default.yaml", ["finetune.stages.7.max_steps=2"])

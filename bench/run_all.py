@@ -1,0 +1,139 @@
+"""Run every benchmark (each in its own subprocess) and write reports/bench/README.md with all tables.
+
+    .venv/bin/python -m bench.run_all [--quick] [--only train_throughput,retrieval] [--readme-only]
+        [--cache-dir artifacts/base] [--adapters artifacts/adapters] [--index artifacts/index]
+
+Full run: under 20 minutes on a 2-core CPU; --quick: a few minutes. Every number in the README comes from a
+reports/bench/<name>.json written by the command printed above its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import DEFAULT_ADAPTERS, DEFAULT_CACHE, DEFAULT_INDEX, child_env, machine_info, md_table
+
+BENCHMARKS = ("train_throughput", "generation", "retrieval", "api_load", "end_to_end")
+#: which shared flags each benchmark takes
+FLAGS = {
+    "train_throughput": ("cache_dir",),
+    "generation": ("cache_dir", "adapters"),
+    "retrieval": (),
+    "api_load": ("cache_dir", "adapters", "index"),
+    "end_to_end": ("cache_dir",),
+}
+
+
+def command(name: str, args) -> list[str]:
+    cmd = [sys.executable, "-m", f"bench.{name}", "--out-dir", args.out_dir]
+    if args.quick:
+        cmd.append("--quick")
+    for flag in FLAGS[name]:
+        cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    return cmd
+
+
+def headlines(reports: dict) -> list[str]:
+    """One line per headline ratio found in the reports (missing benchmarks are simply left out)."""
+    out = []
+    tr = reports.get("train_throughput", {}).get("results", {}).get("summary")
+    if tr:
+        out.append(
+            f"LoRA training, ours vs transformers.Trainer baseline: {tr['speedup_tokens_per_s']}x real tokens/s "
+            f"(goal 1.5x {'met' if tr['speedup_goal_met'] else 'NOT met'}), validation loss "
+            f"{tr['val_loss_rel_diff']:+.2%} (goal +-2% {'met' if tr['loss_goal_met'] else 'NOT met'})"
+        )
+    gen = reports.get("generation", {}).get("results")
+    if gen:
+        bvs = gen["batched_vs_sequential"]
+        out.append(
+            f"Generation, batched vs one-at-a-time: {bvs['speedup']}x answers/s, identical greedy outputs "
+            f"{bvs['identical_outputs']}/{bvs['batched']['answers']}"
+        )
+        lat = ", ".join(f"{k} {v['decode_vs_base']}x" for k, v in gen["latency"].items() if "base" not in k)
+        out.append(f"Decode latency per token relative to the base model: {lat}")
+    ret = reports.get("retrieval", {}).get("results", {})
+    if "build" in ret:
+        out.append(f"Index build at {ret['build']['ours_fraction_of_ceiling']}x the raw encode ceiling (chunks/s)")
+    api = reports.get("api_load", {}).get("results")
+    if api:
+        out.append(f"Chat API, dynamic batching on vs off at the highest concurrency: {api['batching_speedup']}x req/s, "
+                   f"errors {api['errors_total']}")  # fmt: skip
+    return out
+
+
+def write_readme(out_dir: Path, durations: dict | None = None) -> Path:
+    reports = {}
+    for name in BENCHMARKS:
+        path = out_dir / f"{name}.json"
+        if path.is_file():
+            reports[name] = json.loads(path.read_text())
+    machine = next((r["machine"] for r in reports.values()), None) or machine_info()
+    lines = [
+        "# raglora benchmarks",
+        "",
+        "Written by `.venv/bin/python -m bench.run_all` from the JSON reports beside this file; every table below",
+        "names the command that produced it. All ratios are measured side by side in one run on the same machine,",
+        "data and model. Timings are medians of repeated `time.perf_counter` loops after a warm-up.",
+        "",
+        "## Machine",
+        "",
+        md_table(["field", "value"], [[k, v] for k, v in machine.items()]),
+        "",
+    ]
+    headline = headlines(reports)
+    if headline:
+        lines += ["## Headline ratios", "", *[f"- {h}" for h in headline], ""]
+    if durations:
+        lines += ["Benchmark wall times (this run): "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in durations.items()) + ".", ""]  # fmt: skip
+    for name, rep in reports.items():
+        lines += [f"## {name}", "", f"Command: `{rep['command']}` ({rep['created']}, load average at start "
+                  f"{rep['machine'].get('load_avg_1m')})", ""]  # fmt: skip
+        for title, table in rep["tables"].items():
+            lines += [f"### {title}", "", table, ""]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few minutes instead of up to 20")
+    ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHMARKS))
+    ap.add_argument("--readme-only", action="store_true", help="only rebuild README.md from the JSON reports")
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    ap.add_argument("--adapters", default=DEFAULT_ADAPTERS)
+    ap.add_argument("--index", default=DEFAULT_INDEX)
+    ap.add_argument("--out-dir", default="reports/bench")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    failed = []
+    durations: dict[str, float] = {}
+    if not args.readme_only:
+        for name in names:
+            cmd = command(name, args)
+            print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+            t0 = time.perf_counter()
+            rc = subprocess.run(cmd, env=child_env()).returncode
+            durations[name] = time.perf_counter() - t0
+            if rc != 0:
+                failed.append(name)
+                print(f"=== {name} FAILED (exit {rc})", flush=True)
+    path = write_readme(out_dir, durations)
+    print(f"\nwrote {path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""LoRA training throughput: our trainer (finetune/train.py's loop, called as finetune/stages.py calls it) vs the
+baseline the docs teach (transformers.Trainer + PEFT get_peft_model + DataCollatorForSeq2Seq on random batches),
+same model, data, LoRA settings, batch size, steps, lr and seed; plus full fine-tuning vs LoRA (time, memory).
+
+    .venv/bin/python -m bench.train_throughput [--quick] [--steps 10] [--batch-size 8] [--cache-dir artifacts/base]
+
+Each side runs in its own subprocess (clean peak RSS). Throughput = real (non-padding) tokens / wall seconds of
+the training call (our `train_loop(...)` vs `trainer.train()`); both get the same warm-up (one forward+backward
+on the same 8 examples, gradients dropped) first. Loss equality is judged on the validation loss after training,
+computed by the same function (`finetune.train.evaluate_loss`) over the same domain validation examples.
+Data: `domain/train.jsonl` with our system prompt, chat template and assistant-only masking (no RAFT/replay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import (
+    DEFAULT_BASE,
+    DEFAULT_CACHE,
+    md_table,
+    ratio,
+    report_peak_rss,
+    run_measured,
+    write_report,
+)
+
+SIDES = {
+    "ours": "ours: finetune.train.train_loop (length-grouped, head on target positions only)",
+    "hf": "baseline: transformers.Trainer + get_peft_model + DataCollatorForSeq2Seq (random batches)",
+    "hf+malloc": "baseline + our glibc malloc tuning (finetune.train.tune_cpu_malloc) - ablation",
+    "ours-full": "ours, full fine-tuning (all weights, fp32 AdamW)",
+    "ours-lora-short": "ours, LoRA, same short run as full fine-tuning",
+}
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+def _prepare(args):
+    """(model, tokenizer, train examples, validation examples) exactly as finetune/stages.py tokenizes them."""
+    import torch
+
+    from finetune.data import load_examples
+    from finetune.model import load_base
+    from finetune.prompt import load_system_prompt
+    from finetune.stages import _tokenize_all
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_base(args.base, cache_dir=args.cache_dir, device="cpu", dtype="float32")
+    prompt = load_system_prompt(None, with_context=False)
+    data = Path(args.data_dir)
+    rows = load_examples(data / "domain/train.jsonl", stage="domain")[: args.train_rows]
+    train = _tokenize_all(tok, rows, prompt, args.max_length)[0]
+    val = _tokenize_all(tok, load_examples(data / "domain/validation.jsonl", stage="domain"), prompt, args.max_length)
+    return model, tok, train, val[0][: args.val_examples]
+
+
+def _lora_settings(method: str = "lora"):
+    from finetune.config import FinetuneConfig
+
+    return FinetuneConfig().lora.model_copy(update={"method": method})
+
+
+def _val_loss(model, val, pad_id: int) -> float:
+    from accelerate import Accelerator
+
+    from finetune.train import CausalLMLoss, evaluate_loss
+
+    loss_module = model if isinstance(model, CausalLMLoss) else CausalLMLoss(model)
+    return evaluate_loss(loss_module, val, accelerator=Accelerator(cpu=True), batch_size=16, pad_id=pad_id)
+
+
+def worker_ours(args, method: str = "lora") -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from finetune.config import FinetuneConfig, StageConfig
+    from finetune.data import collate
+    from finetune.model import apply_method
+    from finetune.train import CausalLMLoss, train_loop, tune_cpu_malloc
+
+    ft_cfg = FinetuneConfig()
+    accelerator = Accelerator(cpu=True)
+    tune_cpu_malloc()  # run_finetune does this on CPU
+    model, tok, train, val = _prepare(args)
+    set_seed(ft_cfg.seed)
+    model = apply_method(model, _lora_settings(method))
+    loss_module = CausalLMLoss(model)
+    # warm-up: one forward+backward on the first batch_size examples, gradients dropped
+    loss_sum, n = loss_module(**{k: v for k, v in collate(train[: args.batch_size], pad_id=tok.pad_token_id).items()
+                                  if k in ("input_ids", "labels", "attention_mask")})  # fmt: skip
+    (loss_sum / n).backward()
+    model.zero_grad(set_to_none=True)
+    stage = StageConfig(
+        name="domain", train_file="domain/train.jsonl", max_steps=args.steps, lr=args.lr, batch_size=args.batch_size
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = train_loop(
+            stage="domain", loss_module=loss_module, train_examples=train, stage_cfg=stage, ft_cfg=ft_cfg,
+            accelerator=accelerator, pad_id=tok.pad_token_id, max_length=args.max_length, ckpt_root=Path(tmp) / "ck",
+            config_hash="bench", resume=False, seed=ft_cfg.seed,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+        losses = [json.loads(line)["loss"] for line in result["log_path"].read_text().splitlines() if line]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "steps": result["optimizer_steps"],
+        "real_tokens": result["train_tokens"],
+        "padded_tokens": round(result["train_tokens"] / result["padding_efficiency"]),
+        "wall_s": wall,
+        "loop_tokens_per_s": result["tokens_per_s"],
+        "step_losses": losses,
+        "val_loss": _val_loss(result["model"], val, tok.pad_token_id),
+        "trainable_params": trainable,
+    }
+
+
+def worker_hf(args, malloc: bool = False) -> dict:
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from finetune.config import FinetuneConfig
+
+    if malloc:
+        from finetune.train import tune_cpu_malloc
+
+        tune_cpu_malloc()
+    ft_cfg = FinetuneConfig()
+    model, tok, train, val = _prepare(args)
+    lora = _lora_settings()
+    set_seed(ft_cfg.seed)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            target_modules=list(lora.target_modules),
+        ),
+    )
+    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * e["length"], "labels": e["labels"]} for e in train]
+
+    class CountingCollator(DataCollatorForSeq2Seq):
+        counts: list[tuple[int, int]] = []
+
+        def __call__(self, features, return_tensors=None):
+            batch = super().__call__(features, return_tensors)
+            self.counts.append((int(batch["attention_mask"].sum()), int(batch["input_ids"].numel())))
+            return batch
+
+    collator = CountingCollator(tok, padding=True, label_pad_token_id=-100)
+    warm = collator(rows[: args.batch_size])
+    model(**warm).loss.backward()  # the same warm-up as ours
+    model.zero_grad(set_to_none=True)
+    collator.counts.clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.1,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=ft_cfg.seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator)
+        t0 = time.perf_counter()
+        out = trainer.train()
+        wall = time.perf_counter() - t0
+    used = collator.counts[: args.steps]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        val_loss = _val_loss(model, val, tok.pad_token_id)
+    return {
+        "steps": int(out.global_step),
+        "real_tokens": sum(c[0] for c in used),
+        "padded_tokens": sum(c[1] for c in used),
+        "wall_s": wall,
+        "trainer_runtime_s": out.metrics.get("train_runtime"),
+        "step_losses": losses,
+        "val_loss": val_loss,
+        "trainable_params": trainable,
+        "optim": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
+    }
+
+
+def worker_main(args) -> None:
+    if args.worker == "hf":
+        res = worker_hf(args)
+    elif args.worker == "hf+malloc":
+        res = worker_hf(args, malloc=True)
+    elif args.worker == "ours-full":
+        res = worker_ours(args, method="full")
+    else:
+        res = worker_ours(args)
+    Path(args.result).write_text(json.dumps(res))
+    report_peak_rss()
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def run_side(side: str, args, *, steps: int, lr: float) -> dict:
+    if args.in_process:  # smoke tests: no subprocess, peak RSS not isolated
+        worker = "ours" if side == "ours-lora-short" else side
+        sub = argparse.Namespace(**{**vars(args), "worker": worker, "steps": steps, "lr": lr})
+        fn = {"hf": lambda: worker_hf(sub), "hf+malloc": lambda: worker_hf(sub, malloc=True),
+              "ours-full": lambda: worker_ours(sub, method="full")}.get(worker, lambda: worker_ours(sub))  # fmt: skip
+        return _finish(side, fn(), {"peak_rss_mb": None, "wall_s": float("nan")})
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        worker = "ours" if side == "ours-lora-short" else side
+        cmd = [
+            sys.executable, "-m", "bench.train_throughput", "--worker", worker, "--result", str(result),
+            "--steps", str(steps), "--lr", str(lr), "--batch-size", str(args.batch_size), "--base", args.base,
+            "--cache-dir", args.cache_dir, "--data-dir", args.data_dir, "--max-length", str(args.max_length),
+            "--val-examples", str(args.val_examples),
+        ] + (["--train-rows", str(args.train_rows)] if args.train_rows else [])  # fmt: skip
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        print(f"[train] running {side} ({steps} steps) ...", flush=True)
+        run = run_measured(cmd, timeout=3600)
+        if run["rc"] != 0 or not result.is_file():
+            raise RuntimeError(f"worker {side} failed (rc {run['rc']}):\n{run['stderr'][-3000:]}")
+        res = json.loads(result.read_text())
+    return _finish(side, res, run)
+
+
+def _finish(side: str, res: dict, run: dict) -> dict:
+    res.update(peak_rss_mb=run["peak_rss_mb"], process_wall_s=round(run["wall_s"], 1))
+    res["tokens_per_s"] = round(res["real_tokens"] / res["wall_s"], 1)
+    res["padding_efficiency"] = round(res["real_tokens"] / res["padded_tokens"], 3)
+    res["s_per_step"] = round(res["wall_s"] / res["steps"], 2)
+    res["final_step_loss"] = res["step_losses"][-1] if res["step_losses"] else None
+    print(f"[train] {side}: {res['tokens_per_s']} tok/s, val loss {res['val_loss']}, "
+          f"peak RSS {res['peak_rss_mb']} MB", flush=True)  # fmt: skip
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few steps (a couple of minutes)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 8, quick 3)")
+    ap.add_argument(
+        "--full-steps", type=int, default=None, help="steps of the full-FT vs LoRA run (default 3, quick 2)"
+    )
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=8e-4, help="LoRA learning rate (the domain stage's)")
+    ap.add_argument("--full-lr", type=float, default=2e-5)
+    ap.add_argument("--max-length", type=int, default=384)
+    ap.add_argument("--val-examples", type=int, default=49)
+    ap.add_argument("--train-rows", type=int, default=None, help="use only the first N training rows (smoke tests)")
+    ap.add_argument("--base", default=DEFAULT_BASE)
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-ablation", action="store_true", help="skip the baseline+malloc ablation")
+    ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning vs LoRA")
+    ap.add_argument("--out-dir", default="reports/bench")
+    ap.add_argument("--in-process", action="store_true", help="run the sides in this process (smoke tests)")
+    ap.add_argument("--worker", choices=["ours", "hf", "hf+malloc", "ours-full"], help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.steps = args.steps or 10
+        worker_main(args)
+        return 0
+    steps = args.steps or (3 if args.quick else 8)
+    full_steps = args.full_steps or (2 if args.quick else 3)
+    sides = ["ours", "hf"] + ([] if args.no_ablation else ["hf+malloc"])
+    res = {s: run_side(s, args, steps=steps, lr=args.lr) for s in sides}
+    if not args.no_full:
+        res["ours-lora-short"] = run_side("ours-lora-short", args, steps=full_steps, lr=args.lr)
+        res["ours-full"] = run_side("ours-full", args, steps=full_steps, lr=args.full_lr)
+
+    ours, hf = res["ours"], res["hf"]
+    speedup = ratio(ours["tokens_per_s"], hf["tokens_per_s"])
+    loss_diff = (ours["val_loss"] - hf["val_loss"]) / hf["val_loss"]
+    summary = {
+        "speedup_tokens_per_s": speedup,
+        "goal_speedup": 1.5,
+        "speedup_goal_met": bool(speedup and speedup >= 1.5),
+        "val_loss_rel_diff": round(loss_diff, 4),
+        "loss_goal_met": abs(loss_diff) <= 0.02,
+        "peak_rss_ratio_hf_over_ours": ratio(hf["peak_rss_mb"], ours["peak_rss_mb"]),
+    }
+    rows = [
+        [SIDES[s], r["steps"], r["real_tokens"], r["padding_efficiency"], r["wall_s"], r["tokens_per_s"],
+         r["final_step_loss"], r["val_loss"], r["peak_rss_mb"]]
+        for s, r in res.items() if s in ("ours", "hf", "hf+malloc")
+    ]  # fmt: skip
+    tables = {
+        f"LoRA training throughput ({args.base}, domain train, batch {args.batch_size}, {steps} steps, CPU fp32)": md_table(
+            [
+                "side",
+                "steps",
+                "real tokens",
+                "padding eff.",
+                "train wall s",
+                "real tok/s",
+                "last step loss",
+                "val loss after",
+                "peak RSS MB",
+            ],
+            rows,
+        )  # fmt: skip
+        + f"\n\nSpeed-up ours/baseline (real tokens/s): **{speedup}x** (goal >= 1.5x: "
+        f"{'met' if summary['speedup_goal_met'] else 'NOT met'}). Validation loss after training "
+        f"(same {args.val_examples} domain validation examples, same function): ours {ours['val_loss']:.4f} vs "
+        f"baseline {hf['val_loss']:.4f} ({loss_diff:+.2%}; goal within +-2%: "
+        f"{'met' if summary['loss_goal_met'] else 'NOT met'}). Last-step losses are on different batches "
+        "(grouped vs random) and are not comparable.",
+    }
+    if "ours-full" in res:
+        lo, fu = res["ours-lora-short"], res["ours-full"]
+        summary["full_over_lora_peak_rss"] = ratio(fu["peak_rss_mb"], lo["peak_rss_mb"])
+        summary["full_over_lora_s_per_step"] = ratio(fu["s_per_step"], lo["s_per_step"])
+        tables[f"Full fine-tuning vs LoRA (ours, {full_steps} steps of batch {args.batch_size})"] = md_table(
+            ["method", "trainable params", "s/step", "real tok/s", "peak RSS MB"],
+            [
+                ["LoRA r=16 q,k,v,o", lo["trainable_params"], lo["s_per_step"], lo["tokens_per_s"], lo["peak_rss_mb"]],
+                ["full", fu["trainable_params"], fu["s_per_step"], fu["tokens_per_s"], fu["peak_rss_mb"]],
+            ],
+        ) + (
+            f"\n\nFull/LoRA: {summary['full_over_lora_s_per_step']}x time per step, "
+            f"{summary['full_over_lora_peak_rss']}x peak RSS."
+        )
+    write_report(
+        "train_throughput",
+        args={k: v for k, v in vars(args).items() if k not in ("worker", "result")} | {"steps": steps},
+        results={"sides": res, "summary": summary},
+        tables=tables,
+        out_dir=args.out_dir,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Every benchmark in its tiniest mode with the tiny random model (tests/tiny_model.py) and a fake embedder: the
+scripts run end to end, write reports/bench-style JSON with tables, and run_all assembles the README."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fake_embedder import FakeEmbedder
+from tiny_model import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(save_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(REPO)  # the benchmarks read data/ relative to the repo root
+
+
+def _report(out: Path, name: str) -> dict:
+    doc = json.loads((out / f"{name}.json").read_text())
+    assert doc["name"] == name and doc["tables"] and doc["machine"]["torch"]
+    for table in doc["tables"].values():
+        assert table.startswith("| ")
+    return doc
+
+
+def test_train_throughput(tiny, tmp_path):
+    from bench import train_throughput
+
+    argv = ["--in-process", "--steps", "1", "--base", tiny, "--val-examples", "4",
+            "--batch-size", "2", "--train-rows", "16", "--no-ablation", "--no-full", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert train_throughput.main(argv) == 0
+    res = _report(tmp_path, "train_throughput")["results"]
+    assert set(res["sides"]) == {"ours", "hf"}
+    for side in res["sides"].values():
+        assert side["steps"] == 1 and side["real_tokens"] > 0 and side["val_loss"] > 0
+
+
+def test_generation(tiny, tmp_path):
+    from bench import generation
+
+    argv = ["--base", tiny, "--adapters", str(tmp_path / "none"), "--questions", "2", "--tokens", "3",
+            "--repeats", "1", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert generation.main(argv) == 0
+    res = _report(tmp_path, "generation")["results"]
+    assert res["merged_equals_stacked_tokens"] is True
+    assert res["batched_vs_sequential"]["identical_outputs"] == 2
+    assert len(res["latency"]) == 4
+
+
+class _FakeST:
+    def __init__(self, emb: FakeEmbedder):
+        self.emb = emb
+
+    def encode(self, texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True):
+        return self.emb.encode(list(texts))
+
+
+def test_retrieval(tmp_path, monkeypatch):
+    import retriever.embedder
+    from bench import retrieval
+
+    fake = FakeEmbedder(dimension=32)
+    fake.model = _FakeST(fake)
+    monkeypatch.setattr(retriever.embedder, "load_embedder", lambda *a, **k: fake)
+    argv = ["--quick", "--kb-rows", "30", "--queries", "5", "--scale", "3000", "--out-dir", str(tmp_path)]
+    assert retrieval.main(argv) == 0
+    res = _report(tmp_path, "retrieval")["results"]
+    assert res["build"]["chunks"] == 30
+    assert set(res["query"]["latency"]) == {
+        "raglora dense",
+        "raglora bm25",
+        "raglora hybrid",
+        "LangChain FAISS similarity_search",
+    }
+    assert res["scale"]["3000/flat"]["recall@10"] == 1.0
+    assert 0 <= res["scale"]["3000/hnsw"]["recall@10"] <= 1
+
+
+def test_api_load(tiny, tmp_path):
+    from bench import api_load
+
+    argv = ["--quick", "--base", tiny, "--index", "none", "--adapters", str(tmp_path / "none"), "--clients", "2",
+            "--requests", "2", "--tokens", "3", "--batching", "on", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert api_load.main(argv) == 0
+    res = _report(tmp_path, "api_load")["results"]
+    assert res["errors_total"] == 0
+    assert res["levels"]["on/2"]["requests"] == 2
+
+
+def test_end_to_end_and_readme(tmp_path):
+    from bench import end_to_end, run_all
+
+    assert end_to_end.main(["--quick", "--stages", "data", "--out-dir", str(tmp_path)]) == 0
+    res = _report(tmp_path, "end_to_end")["results"]
+    assert res["stages"]["data"]["rc"] == 0 and res["stages"]["data"]["peak_rss_mb"] > 0
+    assert run_all.main(["--readme-only", "--out-dir", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Machine" in readme and "## end_to_end" in readme
+
+
+def test_shared_helpers():
+    from bench.common import latency_summary, md_table, percentile, ratio
+
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert latency_summary([0.001] * 3)["p95_ms"] == 1.0
+    assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0) is None
+    assert md_table(["a"], [[np.float64(1.5).item()]]).splitlines()[2] == "| 1.50 |"
+    assert sys.executable
