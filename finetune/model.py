@@ -1,17 +1,12 @@
 """Base model loading (packaged GGUF -> cached HF folder, HF ids, local folders), PEFT set-up and the
 stage chain: stage N's adapter was trained on base + merged(its parents), as listed in its manifest.
 
-Serving helpers:
-  * `load_for_inference(base, adapters_dir, stage)`: one stage, parents merged, its adapter attached.
-  * `load_stage_adapters(base, adapters_dir, stages)` + `activate_stage(model, stage)`: load the base once with
-    every LoRA stage adapter attached under its stage name and switch per request. A stage is served by
-    activating its whole chain (parents + itself) at once: for plain LoRA the merged weight is
-    W + sum(B_i A_i * s_i), so the sum of active adapters equals the merged chain exactly.
+`load_for_inference(base, adapters_dir, stage)` gives one stage with its parents merged and its adapter
+attached. Serving many stages from one base (switched per request) lives in `pipeline.generate.StageModels`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -466,64 +461,3 @@ def load_for_inference(
     model.to(device=dev, dtype=resolve_dtype(dtype, dev))
     model.eval()
     return model, tok
-
-
-def load_stage_adapters(
-    base: str,
-    adapters_dir: str | Path,
-    stages: list[str],
-    *,
-    cache_dir: str | Path,
-    device: str = "auto",
-    dtype: str = "auto",
-    attn_implementation: str | None = None,
-):
-    """(PeftModel, tokenizer): the base loaded once with every stage's LoRA adapter (and its parents') attached,
-    each under its stage name. Switch with `activate_stage(model, stage)`; `with model.disable_adapter():` is
-    the plain base. Only plain LoRA stages qualify (DoRA/IA3/full/prompt methods: use load_for_inference)."""
-    from peft import PeftModel
-
-    needed: list[str] = []
-    chains: dict[str, list[str]] = {}
-    for stage in stages:
-        manifest = read_manifest(adapters_dir, stage)
-        chain = [*manifest.get("parents", []), stage]
-        chains[stage] = chain
-        needed += [s for s in chain if s not in needed]
-    for s in needed:
-        m = read_manifest(adapters_dir, s)
-        if m.get("method") != "lora" or m.get("lora", {}).get("use_dora"):
-            raise RagloraError(
-                f"stage {s}: only plain LoRA adapters can be switched per request (method {m.get('method')}, "
-                f"dora={m.get('lora', {}).get('use_dora')}); use load_for_inference instead"
-            )
-    model, tok = load_base(
-        base, cache_dir=cache_dir, device=device, dtype=dtype, attn_implementation=attn_implementation
-    )
-    peft_model = None
-    for s in needed:
-        path = str(stage_dir(adapters_dir, s))
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=s)
-        else:
-            peft_model.load_adapter(path, adapter_name=s)
-    peft_model.to(model.device)
-    peft_model.raglora_chains = chains
-    peft_model.eval()
-    activate_stage(peft_model, stages[-1])
-    return peft_model, tok
-
-
-def activate_stage(model, stage: str) -> None:
-    """Make `stage` (with its parents' adapters) the active adapters of a `load_stage_adapters` model."""
-    chains = getattr(model, "raglora_chains", None)
-    if not chains or stage not in chains:
-        raise RagloraError(f"stage {stage!r} is not loaded; loaded: {', '.join(chains or [])}")
-    model.base_model.set_adapter(chains[stage], inference_mode=True)
-
-
-@contextlib.contextmanager
-def no_adapters(model):
-    """Run a PeftModel as its plain base model."""
-    with model.disable_adapter():
-        yield model

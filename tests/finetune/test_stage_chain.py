@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from finetune.merge import merge_stages
-from finetune.model import activate_stage, load_for_inference, load_merged_chain, load_stage_adapters
+from finetune.model import load_for_inference, load_merged_chain
 from retriever.errors import RagloraError
 
 IDS = torch.tensor([[1, 40, 41, 42, 2, 201, 1, 50, 51, 52, 53]])
@@ -86,16 +86,17 @@ def test_adapters_load_with_peft_and_the_chain_reproduces_stage_outputs(trained_
         merged = AutoModelForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-5)
         assert json.loads((out / "raglora_merge.json").read_text())["stages"] == ["general", "domain", "subdomain"]
-        # one base, every stage adapter attached, switched per request
-        multi, _ = load_stage_adapters(
-            str(tiny_base), adapters, ["general", "domain", "subdomain"], cache_dir=tmp_path, device="cpu"
-        )
+        # serving: one base, every stage adapter attached, switched per request (pipeline.generate.StageModels)
+        from pipeline.generate import StageModels
+
+        base, tok = load_for_inference(str(tiny_base), adapters, None, cache_dir=tmp_path, device="cpu")
+        multi = StageModels(base, tok, adapters, strategy="stack")
         for stage in ("general", "domain", "subdomain"):
             one, _ = load_for_inference(str(tiny_base), adapters, stage, cache_dir=tmp_path, device="cpu")
-            activate_stage(multi, stage)
-            torch.testing.assert_close(multi(input_ids=IDS).logits, one(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
-        with multi.disable_adapter():
-            torch.testing.assert_close(multi(input_ids=IDS).logits, base_only(input_ids=IDS).logits)
+            with multi.use(stage) as m:
+                torch.testing.assert_close(m(input_ids=IDS).logits, one(input_ids=IDS).logits, rtol=1e-4, atol=1e-5)
+        with multi.use(None) as m:
+            torch.testing.assert_close(m(input_ids=IDS).logits, base_only(input_ids=IDS).logits)
 
 
 def test_merge_rejects_a_stage_outside_the_chain(trained_run, tiny_base, tmp_path):
