@@ -76,6 +76,31 @@ def _timing(prepared: Prepared, t0: float, handle: GenerationHandle | None) -> d
     }
 
 
+async def _finish_turn(
+    service: AnswerService,
+    prepared: Prepared,
+    handle: GenerationHandle | None,
+    cid: str | None,
+    history: list[dict],
+    t0: float,
+):
+    """Store the turn (committed before the client sees the end) and build the Answer; shared by JSON and SSE."""
+    if handle is None:  # a hand-off: the fixed reply, no generation
+        text, reason, n_tokens = prepared.handoff_text or "", "stop", 0
+    else:
+        text, reason, n_tokens = handle.text, handle.finish_reason or "stop", len(handle.token_ids)
+    return await asyncio.to_thread(
+        service.finish,
+        prepared,
+        text,
+        conversation_id=cid,
+        finish_reason=reason,
+        completion_tokens=n_tokens,
+        timing=_timing(prepared, t0, handle),
+        history=history,
+    )
+
+
 def _observe(metrics: ApiMetrics, prepared: Prepared, handle: GenerationHandle | None, t0: float, stream: bool):
     metrics.completions.labels(prepared.model, str(stream).lower()).inc()
     metrics.prompt_tokens.labels(prepared.mode).inc(len(prepared.prompt_ids))
@@ -151,7 +176,6 @@ async def chat_completions(
     )
 
     if not body.stream:
-        text, reason, n_tokens = prepared.handoff_text or "", "stop", 0
         if handle is not None:
             try:
                 async for _ in handle.astream():
@@ -161,17 +185,7 @@ async def chat_completions(
             finally:
                 if not handle.done:
                     handle.cancel()
-            text, reason, n_tokens = handle.text, handle.finish_reason or "stop", len(handle.token_ids)
-        answer = await asyncio.to_thread(
-            service.finish,
-            prepared,
-            text,
-            conversation_id=cid,
-            finish_reason=reason,
-            completion_tokens=n_tokens,
-            timing=_timing(prepared, t0, handle),
-            history=history,
-        )
+        answer = await _finish_turn(service, prepared, handle, cid, history, t0)
         _observe(metrics, prepared, handle, t0, False)
         return JSONResponse(
             completion_body(
@@ -213,21 +227,10 @@ async def _stream(
         yield _sse(chunk_body(**common, delta={"role": "assistant", "content": ""}))
         if handle is None:
             yield _sse(chunk_body(**common, delta={"content": prepared.handoff_text}))
-            text, reason, n_tokens = prepared.handoff_text or "", "stop", 0
         else:
             async for delta in handle.astream():
                 yield _sse(chunk_body(**common, delta={"content": delta}))
-            text, reason, n_tokens = handle.text, handle.finish_reason or "stop", len(handle.token_ids)
-        answer = await asyncio.to_thread(
-            service.finish,
-            prepared,
-            text,
-            conversation_id=cid,
-            finish_reason=reason,
-            completion_tokens=n_tokens,
-            timing=_timing(prepared, t0, handle),
-            history=history,
-        )
+        answer = await _finish_turn(service, prepared, handle, cid, history, t0)
         finished = True
         _observe(metrics, prepared, handle, t0, True)
         yield _sse(chunk_body(**common, delta={}, finish_reason=answer.finish_reason, extension=answer.extension()))
