@@ -293,7 +293,39 @@ def apply_method(model, settings, *, load_in_4bit: bool = False, gradient_checkp
         model.enable_input_require_grads()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
+    use_fast_dropout(peft_model)
+    return peft_model
+
+
+class FastDropout(torch.nn.Dropout):
+    """Inverted dropout whose CPU mask costs one 64-bit random draw per four elements.
+
+    `F.dropout` on CPU draws one Bernoulli sample per element; with LoRA on q/k/v/o that was ~12 % of a
+    training step. Here each element keeps a uniform 16-bit draw and is kept when it clears `p` (p is
+    rounded to 1/65536). Same distribution, other random stream; CUDA keeps the fused kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu":
+            return super().forward(x)
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= -32768 + round(self.p * 65536)
+        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
+
+
+def use_fast_dropout(model) -> int:
+    """Swap PEFT's LoRA dropout modules for FastDropout (no parameters, so saved adapters are unchanged)."""
+    swapped = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for name, drop in drops.items():
+                if type(drop) is torch.nn.Dropout:
+                    drops[name] = FastDropout(drop.p)
+                    swapped += 1
+    return swapped
 
 
 def count_parameters(model) -> tuple[int, int]:

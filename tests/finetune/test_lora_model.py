@@ -130,3 +130,34 @@ def test_load_base_from_a_local_folder(tiny_base, tmp_path):
     model, tok = load_base(str(tiny_base), cache_dir=tmp_path)
     assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert tok.pad_token == "<|im_end|>" and tok.chat_template
+
+
+def test_fast_dropout_keeps_one_minus_p_of_elements_and_rescales_them():
+    from finetune.model import FastDropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.2).train()
+    x = torch.ones(4, 300, 500, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.8))
+    y.sum().backward()  # the gradient is the same mask times the same scale
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(0)
+    assert torch.equal(FastDropout(0.2).train()(x), y)  # reproducible under the global seed
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_lora_dropout_modules_are_swapped_without_changing_saved_weights(tmp_path):
+    from finetune.model import FastDropout
+
+    tok = make_tiny_tokenizer()
+    model = apply_method(make_tiny_model(tok), LoraSettings(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.1]
+    assert drops and all(type(m) is FastDropout for m in drops)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)

@@ -41,7 +41,7 @@ def test_seeded_two_step_losses_are_pinned(tiny_base, stage_data, tmp_path):
     kwargs = dict(data_dir=stage_data, cache_dir=tmp_path / "c", index_dir=None)
     run_finetune(cfg, tiny_model_cfg(tiny_base), adapters_dir=tmp_path / "a", **kwargs)
     losses = [e["loss"] for e in _log(tmp_path / "a", "general")]
-    assert losses == pytest.approx([5.9565, 5.9470], abs=1e-3)
+    assert losses == pytest.approx([5.9565, 5.9450], abs=1e-3)  # step 2 moved with FastDropout's random stream
     run_finetune(cfg, tiny_model_cfg(tiny_base), adapters_dir=tmp_path / "b", **kwargs)
     assert [e["loss"] for e in _log(tmp_path / "b", "general")] == losses  # bit-for-bit reproducible
 
