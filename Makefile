@@ -80,13 +80,13 @@ clean:
 	rm -rf artifacts reports
 
 # Every benchmark writes reports/bench/<name>.json; run_all also writes reports/bench/README.md.
-bench: setup
+bench: index
 	$(PY) -m bench.run_all $(BENCH_ARGS)
 
-bench-quick: setup
+bench-quick: index
 	$(PY) -m bench.run_all --quick
 
-bench-train: setup
+bench-train: index
 	$(PY) -m bench.run_all --only train_throughput $(BENCH_ARGS)
 
 bench-generation: setup

@@ -2,13 +2,15 @@
 baseline the docs teach (transformers.Trainer + PEFT get_peft_model + DataCollatorForSeq2Seq on random batches),
 same model, data, LoRA settings, batch size, steps, lr and seed; plus full fine-tuning vs LoRA (time, memory).
 
-    .venv/bin/python -m bench.train_throughput [--quick] [--steps 10] [--batch-size 8] [--cache-dir artifacts/base]
+    .venv/bin/python -m bench.train_throughput [--quick] [--workloads stage,plain] [--steps 8] [--batch-size 8]
 
 Each side runs in its own subprocess (clean peak RSS). Throughput = real (non-padding) tokens / wall seconds of
 the training call (our `train_loop(...)` vs `trainer.train()`); both get the same warm-up (one forward+backward
 on the same 8 examples, gradients dropped) first. Loss equality is judged on the validation loss after training,
 computed by the same function (`finetune.train.evaluate_loss`) over the same domain validation examples.
-Data: `domain/train.jsonl` with our system prompt, chat template and assistant-only masking (no RAFT/replay).
+Two workloads, built by the functions finetune/stages.py trains with: "stage" is the domain stage as `raglora
+finetune` runs it (RAFT contexts from the index, general replay; needs `make index`), "plain" the same Q/A rows
+without contexts. Random batches waste far more on padding in the first, so the two ratios differ.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from bench.common import (
     DEFAULT_BASE,
     DEFAULT_CACHE,
+    DEFAULT_INDEX,
     md_table,
     ratio,
     report_peak_rss,
@@ -43,23 +46,50 @@ SIDES = {
 
 
 def _prepare(args):
-    """(model, tokenizer, train examples, validation examples) exactly as finetune/stages.py tokenizes them."""
+    """(model, tokenizer, train examples, validation examples), built by the functions finetune/stages.py uses.
+
+    Workload "stage": the domain stage exactly as `raglora finetune` trains it (RAFT contexts from the index,
+    replay of general rows). Workload "plain": the same domain Q/A rows without contexts or replay.
+    """
     import torch
 
-    from finetune.data import load_examples
+    from finetune.config import FinetuneConfig
     from finetune.model import load_base
     from finetune.prompt import load_system_prompt
-    from finetune.stages import _tokenize_all
+    from finetune.stages import _open_index, _val_examples, stage_examples, stage_rows
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_base(args.base, cache_dir=args.cache_dir, device="cpu", dtype="float32")
-    prompt = load_system_prompt(None, with_context=False)
-    data = Path(args.data_dir)
-    rows = load_examples(data / "domain/train.jsonl", stage="domain")[: args.train_rows]
-    train = _tokenize_all(tok, rows, prompt, args.max_length)[0]
-    val = _tokenize_all(tok, load_examples(data / "domain/validation.jsonl", stage="domain"), prompt, args.max_length)
-    return model, tok, train, val[0][: args.val_examples]
+    cfg = FinetuneConfig()
+    i, stage = next((i, s) for i, s in enumerate(cfg.stages) if s.name == "domain")
+    prompts = {
+        "plain": load_system_prompt(None, with_context=False),
+        "rag": load_system_prompt(None, with_context=True),
+    }
+    rows, replay, _ = stage_rows(i, stage, cfg=cfg, data_dir=Path(args.data_dir), cache={})
+    if args.workload == "plain":
+        stage, replay = stage.model_copy(update={"raft": False}), []
+    if args.train_rows:
+        rows, replay = rows[: args.train_rows], replay[: args.train_rows // 4]
+    index = _open_index(args.index, stage) if stage.raft else None
+    train = stage_examples(
+        stage, rows, replay, seed=cfg.seed, tok=tok, prompts=prompts, max_length=args.max_length, index=index
+    )[0]
+    val = _val_examples(
+        stage, data_dir=Path(args.data_dir), tok=tok, prompts=prompts, max_length=args.max_length,
+        limit=args.val_examples, cache={},
+    )  # fmt: skip
+    return model, tok, train, val
+
+
+def _random_batch_efficiency(train: list[dict], batch_size: int, seed: int) -> float:
+    """Padding efficiency of random batches over a whole epoch: what the short baseline run samples from."""
+    from finetune.data import plan_batches
+
+    lengths = [e["length"] for e in train]
+    plan = plan_batches(lengths, batch_size, -(-len(lengths) // batch_size), seed=seed, group_by_length=False)
+    return sum(lengths[i] for b in plan for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in plan)
 
 
 def _lora_settings(method: str = "lora"):
@@ -200,6 +230,7 @@ def worker_hf(args, malloc: bool = False) -> dict:
         "val_loss": val_loss,
         "trainable_params": trainable,
         "optim": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
+        "epoch_random_padding_efficiency": round(_random_batch_efficiency(train, args.batch_size, ft_cfg.seed), 3),
     }
 
 
@@ -219,25 +250,24 @@ def worker_main(args) -> None:
 # ---------------------------------------------------------------------------------------------- parent
 
 
-def run_side(side: str, args, *, steps: int, lr: float) -> dict:
+def run_side(side: str, args, *, workload: str, steps: int, lr: float) -> dict:
+    worker = "ours" if side == "ours-lora-short" else side
     if args.in_process:  # smoke tests: no subprocess, peak RSS not isolated
-        worker = "ours" if side == "ours-lora-short" else side
-        sub = argparse.Namespace(**{**vars(args), "worker": worker, "steps": steps, "lr": lr})
+        sub = argparse.Namespace(**{**vars(args), "worker": worker, "workload": workload, "steps": steps, "lr": lr})
         fn = {"hf": lambda: worker_hf(sub), "hf+malloc": lambda: worker_hf(sub, malloc=True),
               "ours-full": lambda: worker_ours(sub, method="full")}.get(worker, lambda: worker_ours(sub))  # fmt: skip
         return _finish(side, fn(), {"peak_rss_mb": None, "wall_s": float("nan")})
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        worker = "ours" if side == "ours-lora-short" else side
         cmd = [
             sys.executable, "-m", "bench.train_throughput", "--worker", worker, "--result", str(result),
-            "--steps", str(steps), "--lr", str(lr), "--batch-size", str(args.batch_size), "--base", args.base,
-            "--cache-dir", args.cache_dir, "--data-dir", args.data_dir, "--max-length", str(args.max_length),
-            "--val-examples", str(args.val_examples),
+            "--workloads", workload, "--steps", str(steps), "--lr", str(lr), "--batch-size", str(args.batch_size),
+            "--base", args.base, "--cache-dir", args.cache_dir, "--index", args.index,
+            "--data-dir", args.data_dir, "--max-length", str(args.max_length), "--val-examples", str(args.val_examples),
         ] + (["--train-rows", str(args.train_rows)] if args.train_rows else [])  # fmt: skip
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        print(f"[train] running {side} ({steps} steps) ...", flush=True)
+        print(f"[train] {workload}: running {side} ({steps} steps) ...", flush=True)
         run = run_measured(cmd, timeout=3600)
         if run["rc"] != 0 or not result.is_file():
             raise RuntimeError(f"worker {side} failed (rc {run['rc']}):\n{run['stderr'][-3000:]}")
@@ -256,9 +286,57 @@ def _finish(side: str, res: dict, run: dict) -> dict:
     return res
 
 
+WORKLOADS = {
+    "stage": "domain stage as `raglora finetune` trains it (RAFT contexts + general replay)",
+    "plain": "domain Q/A pairs only (no contexts, no replay)",
+}
+
+
+def compare(res: dict) -> dict:
+    ours, hf = res["ours"], res["hf"]
+    speedup = ratio(ours["tokens_per_s"], hf["tokens_per_s"])
+    loss_diff = (ours["val_loss"] - hf["val_loss"]) / hf["val_loss"]
+    return {
+        "speedup_tokens_per_s": speedup,
+        "goal_speedup": 1.5,
+        "speedup_goal_met": bool(speedup and speedup >= 1.5),
+        "val_loss_rel_diff": round(loss_diff, 4),
+        "loss_goal_met": abs(loss_diff) <= 0.02,
+        "peak_rss_ratio_hf_over_ours": ratio(hf["peak_rss_mb"], ours["peak_rss_mb"]),
+        "baseline_epoch_random_padding_efficiency": hf.get("epoch_random_padding_efficiency"),
+    }
+
+
+def throughput_table(workload: str, res: dict, summary: dict, args, steps: int) -> tuple[str, str]:
+    rows = [
+        [SIDES[s], r["steps"], r["real_tokens"], r["padding_efficiency"], r["wall_s"], r["tokens_per_s"],
+         r["final_step_loss"], r["val_loss"], r["peak_rss_mb"]]
+        for s, r in res.items()
+    ]  # fmt: skip
+    title = (
+        f"LoRA training throughput, {WORKLOADS[workload]} ({args.base}, batch {args.batch_size}, {steps} steps, "
+        "CPU fp32)"
+    )
+    ours, hf = res["ours"], res["hf"]
+    headers = ["side", "steps", "real tokens", "padding eff.", "train wall s", "real tok/s", "last step loss",
+               "val loss after", "peak RSS MB"]  # fmt: skip
+    text = md_table(headers, rows) + (
+        f"\n\nSpeed-up ours/baseline (real tokens/s): **{summary['speedup_tokens_per_s']}x** (goal >= 1.5x: "
+        f"{'met' if summary['speedup_goal_met'] else 'NOT met'}). Validation loss after training (same "
+        f"{args.val_examples} domain validation examples, same function): ours {ours['val_loss']:.4f} vs baseline "
+        f"{hf['val_loss']:.4f} ({summary['val_loss_rel_diff']:+.2%}; goal within +-2%: "
+        f"{'met' if summary['loss_goal_met'] else 'NOT met'}). Random batches over a whole epoch of this data pad "
+        f"at {summary['baseline_epoch_random_padding_efficiency']} efficiency (the baseline's {steps} steps drew "
+        f"{hf['padding_efficiency']}). Last-step losses are on different batches (grouped vs random) and are not "
+        "comparable."
+    )
+    return title, text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few steps (a couple of minutes)")
+    ap.add_argument("--quick", action="store_true", help="few steps, stage workload only (a couple of minutes)")
+    ap.add_argument("--workloads", default=None, help="comma-separated: stage,plain (default both; quick: stage)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 8, quick 3)")
     ap.add_argument(
         "--full-steps", type=int, default=None, help="steps of the full-FT vs LoRA run (default 3, quick 2)"
@@ -271,83 +349,68 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-rows", type=int, default=None, help="use only the first N training rows (smoke tests)")
     ap.add_argument("--base", default=DEFAULT_BASE)
     ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
+    ap.add_argument("--index", default=DEFAULT_INDEX, help="index the stage workload draws RAFT contexts from")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-ablation", action="store_true", help="skip the baseline+malloc ablation")
-    ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning vs LoRA")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the baseline+malloc ablation (plain workload)")
+    ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning vs LoRA (plain workload)")
     ap.add_argument("--out-dir", default="reports/bench")
     ap.add_argument("--in-process", action="store_true", help="run the sides in this process (smoke tests)")
     ap.add_argument("--worker", choices=["ours", "hf", "hf+malloc", "ours-full"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    workloads = (args.workloads or ("stage" if args.quick else "stage,plain")).split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        ap.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
     if args.worker:
-        args.steps = args.steps or 10
+        args.steps, args.workload = args.steps or 10, workloads[0]
         worker_main(args)
         return 0
     steps = args.steps or (3 if args.quick else 8)
     full_steps = args.full_steps or (2 if args.quick else 3)
-    sides = ["ours", "hf"] + ([] if args.no_ablation else ["hf+malloc"])
-    res = {s: run_side(s, args, steps=steps, lr=args.lr) for s in sides}
+    results: dict = {"workloads": {}}
+    tables: dict = {}
+    for wl in workloads:
+        sides = ["ours", "hf"] + (["hf+malloc"] if wl == "plain" and not args.no_ablation else [])
+        res = {s: run_side(s, args, workload=wl, steps=steps, lr=args.lr) for s in sides}
+        summary = compare(res)
+        results["workloads"][wl] = {"sides": res, "summary": summary}
+        title, text = throughput_table(wl, res, summary, args, steps)
+        tables[title] = text
     if not args.no_full:
-        res["ours-lora-short"] = run_side("ours-lora-short", args, steps=full_steps, lr=args.lr)
-        res["ours-full"] = run_side("ours-full", args, steps=full_steps, lr=args.full_lr)
-
-    ours, hf = res["ours"], res["hf"]
-    speedup = ratio(ours["tokens_per_s"], hf["tokens_per_s"])
-    loss_diff = (ours["val_loss"] - hf["val_loss"]) / hf["val_loss"]
-    summary = {
-        "speedup_tokens_per_s": speedup,
-        "goal_speedup": 1.5,
-        "speedup_goal_met": bool(speedup and speedup >= 1.5),
-        "val_loss_rel_diff": round(loss_diff, 4),
-        "loss_goal_met": abs(loss_diff) <= 0.02,
-        "peak_rss_ratio_hf_over_ours": ratio(hf["peak_rss_mb"], ours["peak_rss_mb"]),
-    }
-    rows = [
-        [SIDES[s], r["steps"], r["real_tokens"], r["padding_efficiency"], r["wall_s"], r["tokens_per_s"],
-         r["final_step_loss"], r["val_loss"], r["peak_rss_mb"]]
-        for s, r in res.items() if s in ("ours", "hf", "hf+malloc")
-    ]  # fmt: skip
-    tables = {
-        f"LoRA training throughput ({args.base}, domain train, batch {args.batch_size}, {steps} steps, CPU fp32)": md_table(
-            [
-                "side",
-                "steps",
-                "real tokens",
-                "padding eff.",
-                "train wall s",
-                "real tok/s",
-                "last step loss",
-                "val loss after",
-                "peak RSS MB",
-            ],
-            rows,
-        )  # fmt: skip
-        + f"\n\nSpeed-up ours/baseline (real tokens/s): **{speedup}x** (goal >= 1.5x: "
-        f"{'met' if summary['speedup_goal_met'] else 'NOT met'}). Validation loss after training "
-        f"(same {args.val_examples} domain validation examples, same function): ours {ours['val_loss']:.4f} vs "
-        f"baseline {hf['val_loss']:.4f} ({loss_diff:+.2%}; goal within +-2%: "
-        f"{'met' if summary['loss_goal_met'] else 'NOT met'}). Last-step losses are on different batches "
-        "(grouped vs random) and are not comparable.",
-    }
-    if "ours-full" in res:
-        lo, fu = res["ours-lora-short"], res["ours-full"]
-        summary["full_over_lora_peak_rss"] = ratio(fu["peak_rss_mb"], lo["peak_rss_mb"])
-        summary["full_over_lora_s_per_step"] = ratio(fu["s_per_step"], lo["s_per_step"])
-        tables[f"Full fine-tuning vs LoRA (ours, {full_steps} steps of batch {args.batch_size})"] = md_table(
-            ["method", "trainable params", "s/step", "real tok/s", "peak RSS MB"],
-            [
-                ["LoRA r=16 q,k,v,o", lo["trainable_params"], lo["s_per_step"], lo["tokens_per_s"], lo["peak_rss_mb"]],
-                ["full", fu["trainable_params"], fu["s_per_step"], fu["tokens_per_s"], fu["peak_rss_mb"]],
-            ],
-        ) + (
-            f"\n\nFull/LoRA: {summary['full_over_lora_s_per_step']}x time per step, "
-            f"{summary['full_over_lora_peak_rss']}x peak RSS."
+        wl = "plain"
+        lo = run_side("ours-lora-short", args, workload=wl, steps=full_steps, lr=args.lr)
+        fu = run_side("ours-full", args, workload=wl, steps=full_steps, lr=args.full_lr)
+        results["full_vs_lora"] = {
+            "workload": wl,
+            "lora": lo,
+            "full": fu,
+            "full_over_lora_peak_rss": ratio(fu["peak_rss_mb"], lo["peak_rss_mb"]),
+            "full_over_lora_s_per_step": ratio(fu["s_per_step"], lo["s_per_step"]),
+        }
+        fvl = results["full_vs_lora"]
+        tables[f"Full fine-tuning vs LoRA (ours, {WORKLOADS[wl]}, {full_steps} steps of batch {args.batch_size})"] = (
+            md_table(
+                ["method", "trainable params", "s/step", "real tok/s", "peak RSS MB"],
+                [
+                    [
+                        "LoRA r=16 q,k,v,o",
+                        lo["trainable_params"],
+                        lo["s_per_step"],
+                        lo["tokens_per_s"],
+                        lo["peak_rss_mb"],
+                    ],
+                    ["full", fu["trainable_params"], fu["s_per_step"], fu["tokens_per_s"], fu["peak_rss_mb"]],
+                ],
+            )  # fmt: skip
+            + f"\n\nFull/LoRA: {fvl['full_over_lora_s_per_step']}x time per step, "
+            f"{fvl['full_over_lora_peak_rss']}x peak RSS."
         )
     write_report(
         "train_throughput",
         args={k: v for k, v in vars(args).items() if k not in ("worker", "result")} | {"steps": steps},
-        results={"sides": res, "summary": summary},
+        results=results,
         tables=tables,
         out_dir=args.out_dir,
     )

@@ -194,6 +194,63 @@ def run_finetune(
     return summaries
 
 
+def stage_rows(i: int, stage: StageConfig, *, cfg: FinetuneConfig, data_dir: Path, cache: dict) -> tuple:
+    """(training rows, replay rows drawn from the earlier stages, {role: file facts for the manifest})."""
+    train_path = _data_path(data_dir, stage.train_file)
+    val_path = _data_path(data_dir, stage.validation_file) if stage.validation_file else None
+    if stage.name not in cache:
+        cache[stage.name] = load_examples(train_path, stage=stage.name)
+    train_rows = cache[stage.name]
+    data_files = {"train": {"path": str(train_path), "sha256": file_sha256(train_path), "rows": len(train_rows)}}
+    if val_path is not None:
+        if not val_path.is_file():
+            raise RagloraError(f"stage {stage.name}: validation file not found: {val_path}")
+        data_files["validation"] = {"path": str(val_path), "sha256": file_sha256(val_path)}
+    replay: list[dict] = []
+    if stage.replay_fraction > 0 and i > 0:
+        earlier = []
+        for s in cfg.stages[:i]:
+            p = _data_path(data_dir, s.train_file)
+            if s.name not in cache:
+                cache[s.name] = load_examples(p, stage=s.name)
+            earlier += cache[s.name]
+            data_files[f"replay:{s.name}"] = {"path": str(p), "sha256": file_sha256(p)}
+        replay = sample_replay(earlier, len(train_rows), stage.replay_fraction, seed=f"{cfg.seed}:{stage.name}")
+    return train_rows, replay, data_files
+
+
+def stage_examples(
+    stage: StageConfig, rows: list[dict], replay: list[dict], *, seed: int, tok, prompts: dict, max_length: int, index
+) -> tuple[list[dict], dict | None, dict]:
+    """Tokenized training examples exactly as the stage trains on them (RAFT contexts added when configured)."""
+    examples = list(rows)
+    raft_stats = None
+    if stage.raft:
+        from finetune.raft import build_raft_examples
+
+        def fits(msgs: list[dict]) -> bool:
+            t = tokenize_conversation(tok, msgs, None)
+            return t is not None and t["length"] <= max_length
+
+        examples, raft_stats = build_raft_examples(
+            examples,
+            index=index,
+            fraction=stage.raft_fraction,
+            n_distractors=stage.raft_distractors,
+            p_no_gold=stage.raft_p_no_gold,
+            system_prompt=prompts["rag"],
+            seed=f"{seed}:{stage.name}",
+            no_gold_target=stage.raft_no_gold_target,
+            search_mode=stage.raft_search_mode,
+            context_chars=stage.raft_context_chars,
+            fits=fits,
+        )
+    train_examples, tok_stats = _tokenize_all(tok, examples + replay, prompts["plain"], max_length)
+    if not train_examples:
+        raise RagloraError(f"stage {stage.name}: no training example fits model.max_length={max_length}")
+    return train_examples, raft_stats, tok_stats
+
+
 def _val_examples(stage: StageConfig, *, data_dir, tok, prompts, max_length, limit, cache) -> list[dict]:
     if stage.name not in cache:
         if not stage.validation_file:
@@ -251,26 +308,7 @@ def _run_stage(
         parent_manifests[init_from] = prev_manifest
 
     # ------------------------------------------------------------------ data
-    train_path = _data_path(data_dir, stage.train_file)
-    val_path = _data_path(data_dir, stage.validation_file) if stage.validation_file else None
-    if stage.name not in train_cache:
-        train_cache[stage.name] = load_examples(train_path, stage=stage.name)
-    train_rows = train_cache[stage.name]
-    data_files = {"train": {"path": str(train_path), "sha256": file_sha256(train_path), "rows": len(train_rows)}}
-    if val_path is not None:
-        if not val_path.is_file():
-            raise RagloraError(f"stage {stage.name}: validation file not found: {val_path}")
-        data_files["validation"] = {"path": str(val_path), "sha256": file_sha256(val_path)}
-    replay: list[dict] = []
-    if stage.replay_fraction > 0 and i > 0:
-        earlier = []
-        for s in cfg.stages[:i]:
-            p = _data_path(data_dir, s.train_file)
-            if s.name not in train_cache:
-                train_cache[s.name] = load_examples(p, stage=s.name)
-            earlier += train_cache[s.name]
-            data_files[f"replay:{s.name}"] = {"path": str(p), "sha256": file_sha256(p)}
-        replay = sample_replay(earlier, len(train_rows), stage.replay_fraction, seed=f"{cfg.seed}:{stage.name}")
+    train_rows, replay, data_files = stage_rows(i, stage, cfg=cfg, data_dir=data_dir, cache=train_cache)
     if stage.raft and index is None:
         index = _open_index(index_dir, stage)
 
@@ -295,31 +333,9 @@ def _run_stage(
         _say(accelerator, f"stage {stage.name}: already trained with this configuration, skipping ({out_dir})")
         return {"stage": stage.name, "skipped": True, "dir": str(out_dir), **existing.get("metrics", {})}
 
-    examples = list(train_rows)
-    raft_stats = None
-    if stage.raft:
-        from finetune.raft import build_raft_examples
-
-        def fits(msgs: list[dict]) -> bool:
-            t = tokenize_conversation(tok, msgs, None)
-            return t is not None and t["length"] <= model_cfg.max_length
-
-        examples, raft_stats = build_raft_examples(
-            examples,
-            index=index,
-            fraction=stage.raft_fraction,
-            n_distractors=stage.raft_distractors,
-            p_no_gold=stage.raft_p_no_gold,
-            system_prompt=prompts["rag"],
-            seed=f"{cfg.seed}:{stage.name}",
-            no_gold_target=stage.raft_no_gold_target,
-            search_mode=stage.raft_search_mode,
-            context_chars=stage.raft_context_chars,
-            fits=fits,
-        )
-    train_examples, tok_stats = _tokenize_all(tok, examples + replay, prompts["plain"], model_cfg.max_length)
-    if not train_examples:
-        raise RagloraError(f"stage {stage.name}: no training example fits model.max_length={model_cfg.max_length}")
+    train_examples, raft_stats, tok_stats = stage_examples(
+        stage, train_rows, replay, seed=cfg.seed, tok=tok, prompts=prompts, max_length=model_cfg.max_length, index=index
+    )
     val_sets = {
         s.name: _val_examples(
             s,

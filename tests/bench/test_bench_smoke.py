@@ -37,10 +37,12 @@ def test_train_throughput(tiny, tmp_path):
     from bench import train_throughput
 
     argv = ["--in-process", "--steps", "1", "--base", tiny, "--val-examples", "4",
-            "--batch-size", "2", "--train-rows", "16", "--no-ablation", "--no-full", "--out-dir", str(tmp_path)]  # fmt: skip
+            "--batch-size", "2", "--train-rows", "16", "--workloads", "plain", "--no-ablation", "--no-full",
+            "--out-dir", str(tmp_path)]  # fmt: skip
     assert train_throughput.main(argv) == 0
-    res = _report(tmp_path, "train_throughput")["results"]
+    res = _report(tmp_path, "train_throughput")["results"]["workloads"]["plain"]
     assert set(res["sides"]) == {"ours", "hf"}
+    assert 0 < res["summary"]["baseline_epoch_random_padding_efficiency"] <= 1
     for side in res["sides"].values():
         assert side["steps"] == 1 and side["real_tokens"] > 0 and side["val_loss"] > 0
 
