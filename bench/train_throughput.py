@@ -337,10 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="few steps, stage workload only (a couple of minutes)")
     ap.add_argument("--workloads", default=None, help="comma-separated: stage,plain (default both; quick: stage)")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 8, quick 3)")
-    ap.add_argument(
-        "--full-steps", type=int, default=None, help="steps of the full-FT vs LoRA run (default 3, quick 2)"
-    )
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 6, quick 3)")
+    ap.add_argument("--full-steps", type=int, default=None, help="steps of the full-FT vs LoRA run (default 2)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=8e-4, help="LoRA learning rate (the domain stage's)")
     ap.add_argument("--full-lr", type=float, default=2e-5)
@@ -352,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", default=DEFAULT_INDEX, help="index the stage workload draws RAFT contexts from")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--no-ablation", action="store_true", help="skip the baseline+malloc ablation (plain workload)")
+    ap.add_argument(
+        "--ablation", action="store_true", help="also run the baseline with our malloc tuning (plain workload)"
+    )
     ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning vs LoRA (plain workload)")
     ap.add_argument("--out-dir", default="reports/bench")
     ap.add_argument("--in-process", action="store_true", help="run the sides in this process (smoke tests)")
@@ -367,12 +367,12 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.workload = args.steps or 10, workloads[0]
         worker_main(args)
         return 0
-    steps = args.steps or (3 if args.quick else 8)
-    full_steps = args.full_steps or (2 if args.quick else 3)
+    steps = args.steps or (3 if args.quick else 6)
+    full_steps = args.full_steps or 2
     results: dict = {"workloads": {}}
     tables: dict = {}
     for wl in workloads:
-        sides = ["ours", "hf"] + (["hf+malloc"] if wl == "plain" and not args.no_ablation else [])
+        sides = ["ours", "hf"] + (["hf+malloc"] if wl == "plain" and args.ablation else [])
         res = {s: run_side(s, args, workload=wl, steps=steps, lr=args.lr) for s in sides}
         summary = compare(res)
         results["workloads"][wl] = {"sides": res, "summary": summary}

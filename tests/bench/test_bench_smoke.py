@@ -37,7 +37,7 @@ def test_train_throughput(tiny, tmp_path):
     from bench import train_throughput
 
     argv = ["--in-process", "--steps", "1", "--base", tiny, "--val-examples", "4",
-            "--batch-size", "2", "--train-rows", "16", "--workloads", "plain", "--no-ablation", "--no-full",
+            "--batch-size", "2", "--train-rows", "16", "--workloads", "plain", "--no-full",
             "--out-dir", str(tmp_path)]  # fmt: skip
     assert train_throughput.main(argv) == 0
     res = _report(tmp_path, "train_throughput")["results"]["workloads"]["plain"]
