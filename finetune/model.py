@@ -312,7 +312,22 @@ class FastDropout(torch.nn.Dropout):
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= -32768 + round(self.p * 65536)
-        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)
+        return _MaskScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+class _MaskScale(torch.autograd.Function):
+    """x * keep * scale that saves the boolean mask (1 byte per element) for backward, not a float copy."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
 
 
 def use_fast_dropout(model) -> int:
