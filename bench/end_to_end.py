@@ -1,12 +1,12 @@
 """End to end: wall time and peak memory of each `make demo` stage (data, index, search, finetune, eval), each run
 as its own `raglora` subprocess in a throw-away workspace, with reduced settings.
 
-    .venv/bin/python -m bench.end_to_end [--quick] [--steps 4] [--cache-dir artifacts/base]
+    .venv/bin/python -m bench.end_to_end [--quick] [--steps 2] [--cache-dir artifacts/base]
 
-The settings are a temp copy of configs/default.yaml (a YAML file, not `--set`: `--set` cannot index lists
-such as finetune.stages) with every path in the workspace except paths.base_cache_dir (the converted base
-model is reused, so the one-time GGUF conversion, ~25 s, is not counted), max_steps per stage = --steps
-and a reduced evaluation (--eval-questions per set, --eval-tokens new tokens). Peak RSS is the stage's own
+The settings are a temp copy of configs/default.yaml with every path in the workspace except
+paths.base_cache_dir (the converted base model is reused, so the one-time GGUF conversion, ~25 s, is not
+counted), max_steps per stage = --steps, 8 validation rows per stage for the loss tables and a reduced
+evaluation (--eval-questions per set, --eval-tokens new tokens). Peak RSS is the stage's own
 (fresh parent process; see bench.common.run_tree_measured).
 """
 
@@ -44,7 +44,8 @@ def workspace_config(src: Path, ws: Path, *, cache_dir: str, steps: int, eval_qu
         }
     )
     raw.setdefault("index", {})["docs"] = [str(ws / "data/kb")]
-    for stage in raw.setdefault("finetune", {}).get("stages") or []:
+    raw.setdefault("finetune", {})["eval_max_examples"] = 8
+    for stage in raw["finetune"].get("stages") or []:
         stage["max_steps"] = steps
     ev = raw.setdefault("eval", {})
     ev["max_questions"] = {s: eval_questions for s in ("domain", "subdomain", "out_of_kb", "general")}
@@ -63,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
     ap.add_argument("--steps", type=int, default=None, help="max_steps of every finetune stage (default 2, quick 1)")
-    ap.add_argument("--eval-questions", type=int, default=None, help="per eval set (default 3, quick 2)")
+    ap.add_argument("--eval-questions", type=int, default=None, help="per eval set (default 2)")
     ap.add_argument("--eval-tokens", type=int, default=None, help="eval max_new_tokens (default 16, quick 8)")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
     ap.add_argument("--keep", action="store_true", help="keep the workspace")
     ap.add_argument("--out-dir", default="reports/bench")
     args = ap.parse_args(argv)
     steps = args.steps or (1 if args.quick else 2)
-    n_q = args.eval_questions or (2 if args.quick else 3)
+    n_q = args.eval_questions or 2
     n_tok = args.eval_tokens or (8 if args.quick else 16)
     ws = Path(tempfile.mkdtemp(prefix="raglora-bench-e2e-"))
     cfg = workspace_config(Path(args.config), ws, cache_dir=args.cache_dir, steps=steps, eval_questions=n_q,
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(r["wall_s"] for r in results.values())
     rows.append(["total", "", total, max((r["peak_rss_mb"] or 0) for r in results.values())])
     title = (
-        f"`make demo` stages as subprocesses (finetune max_steps={steps} per stage, eval {n_q} questions per set, "
+        f"`make demo` stages as subprocesses (finetune max_steps={steps} per stage, 8 validation rows; eval {n_q} "
+        "questions per set, "
         f"{n_tok} new tokens; base model conversion cached)"
     )
     write_report(

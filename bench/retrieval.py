@@ -185,7 +185,7 @@ def scale_run(args, sizes: list[int], tables: dict, results: dict) -> None:
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((1000, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    n_q = 100 if args.quick else 200
+    n_q = 100
     queries = clustered_vectors(n_q, dim, rng, centres)
     rows, res = [], {}
     for n in sizes:

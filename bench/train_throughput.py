@@ -148,7 +148,7 @@ def worker_ours(args, method: str = "lora") -> dict:
         "wall_s": wall,
         "loop_tokens_per_s": result["tokens_per_s"],
         "step_losses": losses,
-        "val_loss": _val_loss(result["model"], val, tok.pad_token_id),
+        "val_loss": _val_loss(result["model"], val, tok.pad_token_id) if val else None,
         "trainable_params": trainable,
     }
 
@@ -252,6 +252,8 @@ def worker_main(args) -> None:
 
 def run_side(side: str, args, *, workload: str, steps: int, lr: float) -> dict:
     worker = "ours" if side == "ours-lora-short" else side
+    if side in ("ours-lora-short", "ours-full"):  # only time and memory are compared there
+        args = argparse.Namespace(**{**vars(args), "val_examples": 0})
     if args.in_process:  # smoke tests: no subprocess, peak RSS not isolated
         sub = argparse.Namespace(**{**vars(args), "worker": worker, "workload": workload, "steps": steps, "lr": lr})
         fn = {"hf": lambda: worker_hf(sub), "hf+malloc": lambda: worker_hf(sub, malloc=True),
