@@ -161,3 +161,29 @@ def test_lora_dropout_modules_are_swapped_without_changing_saved_weights(tmp_pat
 
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+
+
+def _bytes_saved_for_backward(model, ids) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids).logits.sum()
+    return sum(storages.values())
+
+
+def test_fast_dropout_keeps_less_memory_for_backward_than_stock_dropout():
+    tok = make_tiny_tokenizer()
+    settings = LoraSettings(r=4, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    fast = apply_method(make_tiny_model(tok), settings).train()
+    stock = copy.deepcopy(fast)
+    for module in stock.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            for name in list(module.lora_dropout):
+                module.lora_dropout[name] = torch.nn.Dropout(0.1)
+    ids = torch.randint(3, tok.vocab_size, (4, 64))
+    fast_bytes, stock_bytes = _bytes_saved_for_backward(fast, ids), _bytes_saved_for_backward(stock, ids)
+    assert fast_bytes < 0.95 * stock_bytes, (fast_bytes, stock_bytes)
