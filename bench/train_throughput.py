@@ -141,7 +141,9 @@ def worker_ours(args, method: str = "lora") -> dict:
         wall = time.perf_counter() - t0
         losses = [json.loads(line)["loss"] for line in result["log_path"].read_text().splitlines() if line]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    longest = sorted(train, key=lambda e: -e["length"])[: args.batch_size]
     return {
+        **tensor_memory_mb(loss_module, collate(longest, pad_id=tok.pad_token_id)),
         "steps": result["optimizer_steps"],
         "real_tokens": result["train_tokens"],
         "padded_tokens": round(result["train_tokens"] / result["padding_efficiency"]),
@@ -150,6 +152,33 @@ def worker_ours(args, method: str = "lora") -> dict:
         "step_losses": losses,
         "val_loss": _val_loss(result["model"], val, tok.pad_token_id) if val else None,
         "trainable_params": trainable,
+    }
+
+
+def tensor_memory_mb(loss_module, batch: dict) -> dict:
+    """What training must hold in tensors, counted rather than read off RSS: weights, gradients and AdamW's two
+    moments for the trainable parameters, and the activations autograd saves for backward on `batch` (the
+    longest training batch). Peak RSS also holds whatever the allocator keeps, which depends on shapes."""
+    import torch
+
+    storages: dict[int, int] = {}
+    held = {t.untyped_storage().data_ptr() for t in (*loss_module.parameters(), *loss_module.buffers())}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in held:  # weights saved for backward are counted once, as weights
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    loss_module.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_module(batch["input_ids"], batch["labels"])
+    trainable = [p for p in loss_module.parameters() if p.requires_grad]
+    mb = 2**20
+    return {
+        "weights_mb": round(sum(p.numel() * p.element_size() for p in loss_module.parameters()) / mb, 1),
+        "grads_and_adam_mb": round(3 * sum(p.numel() * p.element_size() for p in trainable) / mb, 1),
+        "saved_activations_mb": round(sum(storages.values()) / mb, 1),
+        "longest_batch_tokens": int(batch["input_ids"].numel()),
     }
 
 
@@ -288,6 +317,10 @@ def _finish(side: str, res: dict, run: dict) -> dict:
     return res
 
 
+def _tensor_total(r: dict) -> float:
+    return round(r["weights_mb"] + r["grads_and_adam_mb"] + r["saved_activations_mb"], 1)
+
+
 WORKLOADS = {
     "stage": "domain stage as `raglora finetune` trains it (RAFT contexts + general replay)",
     "plain": "domain Q/A pairs only (no contexts, no replay)",
@@ -390,24 +423,42 @@ def main(argv: list[str] | None = None) -> int:
             "full": fu,
             "full_over_lora_peak_rss": ratio(fu["peak_rss_mb"], lo["peak_rss_mb"]),
             "full_over_lora_s_per_step": ratio(fu["s_per_step"], lo["s_per_step"]),
+            "full_over_lora_tensor_mb": ratio(_tensor_total(fu), _tensor_total(lo)),
         }
         fvl = results["full_vs_lora"]
         tables[f"Full fine-tuning vs LoRA (ours, {WORKLOADS[wl]}, {full_steps} steps of batch {args.batch_size})"] = (
             md_table(
-                ["method", "trainable params", "s/step", "real tok/s", "peak RSS MB"],
+                [
+                    "method",
+                    "trainable params",
+                    "s/step",
+                    "real tok/s",
+                    "weights MB",
+                    "grads + AdamW MB",
+                    "saved activations MB",
+                    "tensor total MB",
+                    "peak RSS MB",
+                ],
                 [
                     [
-                        "LoRA r=16 q,k,v,o",
-                        lo["trainable_params"],
-                        lo["s_per_step"],
-                        lo["tokens_per_s"],
-                        lo["peak_rss_mb"],
-                    ],
-                    ["full", fu["trainable_params"], fu["s_per_step"], fu["tokens_per_s"], fu["peak_rss_mb"]],
+                        name,
+                        r["trainable_params"],
+                        r["s_per_step"],
+                        r["tokens_per_s"],
+                        r["weights_mb"],
+                        r["grads_and_adam_mb"],
+                        r["saved_activations_mb"],
+                        _tensor_total(r),
+                        r["peak_rss_mb"],
+                    ]
+                    for name, r in (("LoRA r=16 q,k,v,o", lo), ("full", fu))
                 ],
             )  # fmt: skip
             + f"\n\nFull/LoRA: {fvl['full_over_lora_s_per_step']}x time per step, "
-            f"{fvl['full_over_lora_peak_rss']}x peak RSS."
+            f"{fvl['full_over_lora_tensor_mb']}x tensor memory (weights + gradients + AdamW state + activations "
+            f"saved for backward on the longest batch, {lo['longest_batch_tokens']} token slots), "
+            f"{fvl['full_over_lora_peak_rss']}x peak RSS. RSS also counts what glibc keeps after freeing, which "
+            "depends on the order of batch shapes, so the counted tensor memory is the comparison to trust."
         )
     write_report(
         "train_throughput",

@@ -37,11 +37,15 @@ def test_train_throughput(tiny, tmp_path):
     from bench import train_throughput
 
     argv = ["--in-process", "--steps", "1", "--base", tiny, "--val-examples", "4",
-            "--batch-size", "2", "--train-rows", "16", "--workloads", "plain", "--no-full",
+            "--batch-size", "2", "--train-rows", "16", "--workloads", "plain", "--full-steps", "1",
             "--out-dir", str(tmp_path)]  # fmt: skip
     assert train_throughput.main(argv) == 0
-    res = _report(tmp_path, "train_throughput")["results"]["workloads"]["plain"]
+    results = _report(tmp_path, "train_throughput")["results"]
+    res = results["workloads"]["plain"]
     assert set(res["sides"]) == {"ours", "hf"}
+    lora, full = results["full_vs_lora"]["lora"], results["full_vs_lora"]["full"]
+    assert full["trainable_params"] > lora["trainable_params"]
+    assert full["grads_and_adam_mb"] > lora["grads_and_adam_mb"] and lora["saved_activations_mb"] >= 0
     assert 0 < res["summary"]["baseline_epoch_random_padding_efficiency"] <= 1
     for side in res["sides"].values():
         assert side["steps"] == 1 and side["real_tokens"] > 0 and side["val_loss"] > 0
