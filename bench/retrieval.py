@@ -229,21 +229,21 @@ def scale_run(args, sizes: list[int], tables: dict, results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 repeat, scale 100k only")
+    ap.add_argument("--quick", action="store_true", help="1 repeat, scale 50k only")
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--embedder", default=None, help="default: the config's index.embedder")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--kb-rows", type=int, default=None, help="index only the first N FAQ rows (smoke tests)")
     ap.add_argument("--queries", type=int, default=200, help="at most this many held-out questions")
     ap.add_argument(
-        "--scale", default=None, help="comma-separated sizes (default 100000,1000000; quick 100000; 0: none)"
+        "--scale", default=None, help="comma-separated sizes (default 100000,1000000; quick 50000; 0: none)"
     )
     # HNSW on 1M vectors takes ~15 min to build on 2 cores, which alone would break the 20-minute budget.
     ap.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW above this many vectors (build time)")
     ap.add_argument("--skip-corpus", action="store_true", help="only the synthetic scale run")
     ap.add_argument("--out-dir", default="reports/bench")
     args = ap.parse_args(argv)
-    scale = args.scale or ("100000" if args.quick else "100000,1000000")
+    scale = args.scale or ("50000" if args.quick else "100000,1000000")
     sizes = [int(s) for s in scale.split(",") if int(s) > 0]
     tables: dict = {}
     results: dict = {}

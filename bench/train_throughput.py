@@ -370,7 +370,9 @@ def throughput_table(workload: str, res: dict, summary: dict, args, steps: int) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few steps, stage workload only (a couple of minutes)")
+    ap.add_argument(
+        "--quick", action="store_true", help="3 steps, stage workload only, no full-FT run (about 2 minutes)"
+    )
     ap.add_argument("--workloads", default=None, help="comma-separated: stage,plain (default both; quick: stage)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 6, quick 3)")
     ap.add_argument("--full-steps", type=int, default=None, help="steps of the full-FT vs LoRA run (default 2)")
@@ -388,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--ablation", action="store_true", help="also run the baseline with our malloc tuning (plain workload)"
     )
-    ap.add_argument("--no-full", action="store_true", help="skip full fine-tuning vs LoRA (plain workload)")
+    ap.add_argument(
+        "--no-full", action="store_true", help="skip full fine-tuning vs LoRA (plain workload; --quick skips it too)"
+    )
     ap.add_argument("--out-dir", default="reports/bench")
     ap.add_argument("--in-process", action="store_true", help="run the sides in this process (smoke tests)")
     ap.add_argument("--worker", choices=["ours", "hf", "hf+malloc", "ours-full"], help=argparse.SUPPRESS)
@@ -413,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         results["workloads"][wl] = {"sides": res, "summary": summary}
         title, text = throughput_table(wl, res, summary, args, steps)
         tables[title] = text
-    if not args.no_full:
+    if not (args.no_full or args.quick):
         wl = "plain"
         lo = run_side("ours-lora-short", args, workload=wl, steps=full_steps, lr=args.lr)
         fu = run_side("ours-full", args, workload=wl, steps=full_steps, lr=args.full_lr)
