@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.run_all [--quick] [--only train_throughput,retrieval] [--readme-only]
         [--cache-dir artifacts/base] [--adapters artifacts/adapters] [--index artifacts/index]
 
-Full run: about 17 minutes on a 2-core CPU; --quick: about 9. Every number in the README comes from a
+Full run: about 17 minutes on a 2-core CPU; --quick: about 7. Every number in the README comes from a
 reports/bench/<name>.json written by the command printed above its table.
 """
 
@@ -105,7 +105,7 @@ def write_readme(out_dir: Path, durations: dict | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="fewer steps and sizes (about 9 minutes instead of 17 on 2 cores)"
+        "--quick", action="store_true", help="fewer steps and sizes (about 7 minutes instead of 17 on 2 cores)"
     )
     ap.add_argument("--only", default=None, help="comma-separated subset of " + ",".join(BENCHMARKS))
     ap.add_argument("--readme-only", action="store_true", help="only rebuild README.md from the JSON reports")
