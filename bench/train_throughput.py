@@ -85,11 +85,11 @@ def _prepare(args):
 
 def _random_batch_efficiency(train: list[dict], batch_size: int, seed: int) -> float:
     """Padding efficiency of random batches over a whole epoch: what the short baseline run samples from."""
-    from finetune.data import plan_batches
+    from finetune.data import padding_efficiency, plan_batches
 
     lengths = [e["length"] for e in train]
     plan = plan_batches(lengths, batch_size, -(-len(lengths) // batch_size), seed=seed, group_by_length=False)
-    return sum(lengths[i] for b in plan for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in plan)
+    return padding_efficiency(lengths, plan)
 
 
 def _lora_settings(method: str = "lora"):

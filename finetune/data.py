@@ -281,6 +281,11 @@ def plan_batches(
     return plan[:n_batches]
 
 
+def padding_efficiency(lengths: list[int], plan: list[list[int]]) -> float:
+    """Real tokens / padded tokens when every batch of `plan` is padded to its longest row."""
+    return sum(lengths[i] for b in plan for i in b) / sum(len(b) * max(lengths[i] for i in b) for b in plan)
+
+
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit decreasing: positions into rows whose total length <= capacity."""
     rows: list[list[int]] = []

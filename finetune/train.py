@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.data import IGNORE_INDEX, collate, plan_batches
+from finetune.data import IGNORE_INDEX, collate, padding_efficiency, plan_batches
 from retriever.errors import RagloraError
 
 log = logging.getLogger(__name__)
@@ -444,10 +444,7 @@ def train_loop(
         gathered = accelerator.gather(flat)
         in_sync = bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=1e-6))
     # what a random-order loader with dynamic padding (transformers Trainer's default) would pad for the same data
-    ungrouped = plan_batches(lengths, bs, len(plan), seed=seed, group_by_length=False)
-    ungrouped_eff = sum(lengths[i] for b in ungrouped for i in b) / sum(
-        len(b) * max(lengths[i] for i in b) for b in ungrouped
-    )
+    ungrouped_eff = padding_efficiency(lengths, plan_batches(lengths, bs, len(plan), seed=seed, group_by_length=False))
     losses = []
     if accelerator.is_main_process and log_path.is_file():
         losses = [json.loads(line) for line in log_path.read_text().splitlines() if line]
