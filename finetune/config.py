@@ -73,13 +73,24 @@ class LoraOverride(BaseModel):
 
 
 class StageConfig(BaseModel):
-    """One sequential fine-tuning stage. File paths are relative to paths.data_dir (or absolute)."""
+    """One sequential fine-tuning stage.
+
+    `sources` name entries of `data.sources`; `raglora data` writes the stage's rows (after `where` /
+    `where_not`) to `<data_dir>/<name>/{train,validation,test}.jsonl`, which is what `train_file` and
+    `validation_file` default to. Explicit file paths are relative to paths.data_dir (or absolute).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    train_file: str
-    validation_file: str | None = None
+    # chat: supervised on Q/A and conversations (loss on assistant turns); text: continued pre-training on
+    # the indexed document chunks (loss on every token), for domains with manuals but few Q/A pairs.
+    kind: Literal["chat", "text"] = "chat"
+    sources: list[str] = []  # names in data.sources (chat stages)
+    where: dict[str, list[str]] = {}  # keep rows whose field value is one of these, e.g. {category: [a, b]}
+    where_not: dict[str, list[str]] = {}  # drop rows whose field value is one of these
+    train_file: str | None = None  # default: <name>/train.jsonl (written by `raglora data`)
+    validation_file: str | None = None  # default: <name>/validation.jsonl
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)  # optimizer steps; when set it wins over epochs
     lr: float = Field(2e-4, gt=0)
@@ -102,37 +113,25 @@ class StageConfig(BaseModel):
     raft_context_chars: int = Field(600, gt=0)  # each context passage is clipped to this many characters
     lora: LoraOverride | None = None
 
+    @field_validator("where", "where_not", mode="before")
+    @classmethod
+    def _values_as_lists(cls, v: Any) -> Any:
+        """`where: {category: boilers}` means the same as `where: {category: [boilers]}`."""
+        if isinstance(v, dict):
+            return {k: [str(x) for x in (val if isinstance(val, list) else [val])] for k, val in v.items()}
+        return v
 
-def _default_stages() -> list[StageConfig]:
-    return [
-        StageConfig(
-            name="general",
-            train_file="general/train.jsonl",
-            validation_file="general/validation.jsonl",
-            max_steps=15,
-            lr=5e-4,
-        ),
-        StageConfig(
-            name="domain",
-            train_file="domain/train.jsonl",
-            validation_file="domain/validation.jsonl",
-            max_steps=30,
-            lr=8e-4,
-            replay_fraction=0.1,
-            raft=True,
-            raft_fraction=0.3,
-        ),
-        StageConfig(
-            name="subdomain",
-            train_file="subdomain/train.jsonl",
-            validation_file="subdomain/validation.jsonl",
-            max_steps=12,
-            lr=5e-4,
-            replay_fraction=0.1,
-            raft=True,
-            raft_fraction=0.3,
-        ),
-    ]
+    @model_validator(mode="after")
+    def _default_files(self) -> StageConfig:
+        if self.kind == "text" and (self.sources or self.where or self.where_not):
+            raise ValueError(f"stage {self.name}: a text stage trains on the indexed documents; drop sources/where")
+        if self.kind == "text" and self.raft:
+            raise ValueError(f"stage {self.name}: raft needs a chat stage (questions and answers)")
+        if self.train_file is None:
+            self.train_file = f"{self.name}/train.jsonl"
+        if self.validation_file is None:
+            self.validation_file = f"{self.name}/validation.jsonl"
+        return self
 
 
 class FinetuneConfig(BaseModel):
@@ -141,14 +140,17 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 42
-    stages: list[StageConfig] = Field(default_factory=_default_stages)
+    stages: list[StageConfig] = []  # in training order; each starts from the ones before it
     lora: LoraSettings = Field(default_factory=LoraSettings)
     continue_previous_adapter: bool = False  # False: fresh adapter per stage on base+merged(earlier stages)
     group_by_length: bool = True  # sort by length within seeded mega-batches -> little padding
     mega_batch_factor: int = Field(16, gt=0)  # mega-batch = this many batches
     packing: bool = False  # pack each batch's examples into rows of <= max_length (no cross-example attention)
     gradient_checkpointing: bool = False
-    save_steps: int = Field(50, gt=0)  # checkpoint every N optimizer steps (and on Ctrl-C)
+    # Checkpoints (and on Ctrl-C): every save_steps optimizer steps when set, else every save_minutes of
+    # training, so that a SIGKILL costs at most a few minutes of a stage whatever its length.
+    save_steps: int | None = Field(None, gt=0)
+    save_minutes: float = Field(5.0, gt=0)
     logging_steps: int = Field(1, gt=0)
     eval_max_examples: int = Field(32, gt=0)  # validation rows per stage used for the loss/forgetting table
     eval_batch_size: int = Field(16, gt=0)
@@ -156,8 +158,6 @@ class FinetuneConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
-        if not self.stages:
-            raise ValueError("finetune.stages needs at least one stage")
         names = [s.name for s in self.stages]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

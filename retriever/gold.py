@@ -1,0 +1,84 @@
+"""Which indexed chunks are the gold passages of a Q/A row: used by evaluation (hit@k, citations, the oracle arm)
+and by RAFT training (gold context, and keeping held-out rows' gold out of the distractors).
+
+In this order:
+  1. chunks whose `source` is the row's `source` or `id` (a Q/A knowledge base indexes each row under its id;
+     a ticket may name the page that answers it: a path, a file name, a file stem or a section title);
+  2. otherwise the chunks that best contain the reference answer: the share of the answer's content words that
+     occur in the chunk must reach `min_overlap` (tests pin examples on both sides of the threshold).
+No match means "no defined gold": metrics that need one read n/a, not 0.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import PurePosixPath
+
+#: Share of the reference answer's content words a chunk must contain to count as its gold passage.
+MIN_OVERLAP = 0.6
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased words of three or more characters (drops most function words in any language)."""
+    return {w for w in _WORD.findall(text.lower()) if len(w) >= 3}
+
+
+def _source_keys(source: str) -> set[str]:
+    s = source.strip().lower()
+    if not s:
+        return set()
+    path = PurePosixPath(s.split("#", 1)[0])
+    return {s, path.name, path.stem} - {""}
+
+
+class GoldFinder:
+    """Built once over an index's chunks; `find(row)` returns the gold chunk ids of a row (may be empty)."""
+
+    def __init__(self, chunks: Iterable, *, min_overlap: float = MIN_OVERLAP):
+        self.min_overlap = min_overlap
+        self._by_key: dict[str, list[str]] = defaultdict(list)
+        self._words: dict[str, set[str]] = {}
+        self._postings: dict[str, list[str]] = defaultdict(list)
+        for chunk in chunks:
+            for key in _source_keys(str(chunk.source)) | _source_keys(str(getattr(chunk, "title", "") or "")):
+                self._by_key[key].append(chunk.chunk_id)
+            words = content_words(chunk.text)
+            self._words[chunk.chunk_id] = words
+            for w in words:
+                self._postings[w].append(chunk.chunk_id)
+
+    def by_source(self, row: dict) -> list[str]:
+        """Chunks named by the row's `source` (or `id`): exact source first, then file name/stem or title."""
+        for field in ("source", "id"):
+            value = row.get(field)
+            if value is None or not str(value).strip():
+                continue
+            exact = self._by_key.get(str(value).strip().lower())
+            if exact:
+                return list(dict.fromkeys(exact))
+            for key in _source_keys(str(value)):
+                if key in self._by_key:
+                    return list(dict.fromkeys(self._by_key[key]))
+        return []
+
+    def by_content(self, answer: str | None) -> list[str]:
+        """Chunks holding at least `min_overlap` of the answer's content words, best first (ties: all kept)."""
+        words = content_words(answer or "")
+        if not words:
+            return []
+        hits: dict[str, int] = defaultdict(int)
+        for w in words:
+            for chunk_id in self._postings.get(w, ()):
+                hits[chunk_id] += 1
+        if not hits:
+            return []
+        best = max(hits.values())
+        if best / len(words) < self.min_overlap:
+            return []
+        return [c for c, n in hits.items() if n == best]
+
+    def find(self, row: dict) -> list[str]:
+        return self.by_source(row) or self.by_content(row.get("answer"))
