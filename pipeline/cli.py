@@ -25,15 +25,25 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from pipeline.datasets import build_datasets, write_datasets
+    from pipeline.datasets import datasets_from_config, write_datasets
 
     cfg = _config(args)
     out = args.out or cfg.paths.data_dir
-    settings = cfg.data.model_dump(mode="json")
-    files = build_datasets(**settings)
-    manifest = write_datasets(out, files, settings=settings)
+    files, info, settings = datasets_from_config(cfg, out)
+    manifest = write_datasets(out, files, settings=settings, info=info)
+    for name, src in manifest["sources"].items():
+        collapsed = (
+            f", {src['duplicates_collapsed']} duplicate questions collapsed" if src["duplicates_collapsed"] else ""
+        )
+        print(f"  source {name}: {src['rows']} rows ({src['format']}){collapsed}")
     for rel, entry in manifest["files"].items():
-        print(f"  {rel:28s} {entry['rows']:5d} rows")
+        print(f"  {rel:32s} {entry['rows']:6d} rows")
+    for warning in info["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    leak = manifest["leak_check"]
+    print(
+        f"leak check: {leak['held_out_in_training']} of {leak['held_out_questions']} held-out questions in training rows"
+    )
     print(f"wrote {len(manifest['files'])} files and manifest.json to {out}/")
     return 0
 
@@ -59,6 +69,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         faq_include_question=ic.faq_include_question,
         index_type=ic.index_type,
         batch_size=ic.batch_size,
+        language=ic.language,
         ivf_nlist=ic.ivf_nlist,
         hnsw_m=ic.hnsw_m,
     )
@@ -138,10 +149,56 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         stages=stages,
         resume=args.resume,
         force=args.force,
+        max_steps=args.max_steps,
+        company_name=cfg.project.name,
+        company_description=cfg.project.description,
+        no_answer_reply=cfg.project.no_answer_reply,
     )
     for s in summaries:
         print(json.dumps(s, ensure_ascii=False))
     return 0
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return n
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.init import describe, init_project
+
+    fields = {
+        "question": args.question_field,
+        "answer": args.answer_field,
+        "id": args.id_field,
+        "category": args.category_field,
+        "source": args.source_field,
+    }
+    target, found = init_project(
+        args.dir,
+        docs=args.docs or [],
+        qa=args.qa or [],
+        name=args.name,
+        description=args.description or "",
+        fields=fields,
+        fmt=args.format,
+        subdomain=args.subdomain,
+        language=args.language,
+        base=args.base,
+        force=args.force,
+    )
+    print(describe(found, target))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """data -> index -> finetune -> eval, each step reusing what is already built and up to date."""
+    cmd_data(argparse.Namespace(**{**vars(args), "out": None}))
+    cmd_index(argparse.Namespace(**{**vars(args), "docs": None, "out": None}))
+    cmd_finetune(argparse.Namespace(**{**vars(args), "stages": None, "resume": False, "force": False}))
+    return cmd_eval(argparse.Namespace(**{**vars(args), "out": None}))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -176,7 +233,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import run_evaluation
 
-    out = run_evaluation(_config(args), out_dir=args.out)
+    out = run_evaluation(_config(args), out_dir=args.out, limit=args.limit)
     print(f"report: {out / 'report.html'}  (also report.md, results.json)")
     return 0
 
@@ -194,6 +251,39 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    p = add(
+        "init", cmd_init, "Start a project on your own documents and Q/A data: inspect them, write DIR/raglora.yaml."
+    )
+    p.add_argument("dir", metavar="DIR", help="project folder; everything the pipeline writes goes inside it")
+    p.add_argument(
+        "--docs", nargs="+", metavar="PATH", help="documentation files or folders (.md .txt .html .pdf .json .jsonl)"
+    )
+    p.add_argument("--qa", nargs="+", metavar="FILE", help="Q/A or conversation files (JSONL, JSON, CSV)")
+    p.add_argument("--name", required=True, help='the company the bot speaks for, e.g. "Acme Heating"')
+    p.add_argument("--description", help='one line on what it does, e.g. "installs heat pumps and boilers"')
+    p.add_argument(
+        "--subdomain",
+        metavar="FIELD=V1,V2",
+        help="rows for a third, specialised stage, e.g. category=heat-pumps,boilers",
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "qa", "alpaca", "sharegpt", "messages"],
+        help="Q/A file format (default: detected)",
+    )
+    for role in ("question", "answer", "id", "category", "source"):
+        p.add_argument(f"--{role}-field", metavar="COLUMN", help=f"the column holding the {role} (default: detected)")
+    p.add_argument("--language", help="ISO 639-1 code of the documents (default: detected)")
+    p.add_argument(
+        "--base", default="packaged:smollm2-135m-instruct", help="base model: packaged name, HF id or local folder"
+    )
+    p.add_argument("--force", action="store_true", help="overwrite an existing DIR/raglora.yaml")
+
+    p = add("demo", cmd_demo, "data -> index -> finetune -> eval in one go; prints the report path.")
+    p.add_argument("--max-steps", type=_positive, help="cap every stage's optimizer steps (smoke runs)")
+    p.add_argument("--limit", type=_positive, help="cap every test set at N questions")
+
     p = add("data", cmd_data, "Materialise the knowledge base and train/validation/test splits under data/.")
     p.add_argument("--out", help="output folder (default: paths.data_dir)")
 
@@ -209,10 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter, e.g. category=bygglov")
     p.add_argument("--json", action="store_true", help="print a JSON list, best first")
 
-    p = add("finetune", cmd_finetune, "LoRA fine-tune the generator stage by stage (general → domain → subdomain).")
+    p = add("finetune", cmd_finetune, "LoRA fine-tune the generator stage by stage, in finetune.stages order.")
     p.add_argument("--stages", help="comma-separated stage names (default: all configured stages)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
     p.add_argument("--force", action="store_true", help="retrain stages that are already complete")
+    p.add_argument("--max-steps", type=_positive, help="cap every stage's optimizer steps (smoke runs)")
 
     p = add("merge", cmd_merge, "Merge base + stage adapters into a full model loadable by AutoModelForCausalLM.")
     p.add_argument("--stages", required=True, help="comma-separated stages to merge, in order")
@@ -231,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", cmd_eval, "Compare base, RAG, LoRA and RAG+LoRA on held-out questions; write a report.")
     p.add_argument("--out", metavar="DIR", help="report folder (default: reports/<timestamp>)")
+    p.add_argument("--limit", type=_positive, help="cap every test set at N questions")
     return parser
 
 

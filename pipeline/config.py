@@ -159,7 +159,9 @@ class Config(BaseModel):
             unknown = [n for n in stage.sources if n not in sources]
             if unknown:
                 known = ", ".join(sorted(sources)) or "none: add data.sources"
-                raise ValueError(f"finetune.stages[{stage.name}].sources: unknown source {unknown[0]!r} (known: {known})")
+                raise ValueError(
+                    f"finetune.stages[{stage.name}].sources: unknown source {unknown[0]!r} (known: {known})"
+                )
         for name, spec in self.eval.sets.items():
             if spec.from_.startswith("held_out:") and spec.from_.split(":", 1)[1] not in stages:
                 raise ValueError(f"eval.sets.{name}: {spec.from_!r} names no stage (stages: {', '.join(stages)})")

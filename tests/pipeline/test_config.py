@@ -50,11 +50,35 @@ def test_missing_config_file_and_bad_override_are_clear_errors(tmp_path):
         load_config(None, ["retrieval.k"])
 
 
-def test_default_yaml_spells_out_the_code_defaults():
-    """configs/default.yaml is documentation users read; it must not drift from the models' defaults."""
+def test_default_yaml_spells_out_the_code_defaults_of_every_section_it_does_not_customise():
+    """configs/default.yaml is documentation users read; apart from the demo project's own choices (persona,
+    sources, stages, eval sets) and its paths, it must not drift from the models' defaults."""
     from pipeline.config import Config
 
-    assert load_config(CONFIGS[0].parent / "default.yaml") == Config()
+    cfg, defaults = load_config(CONFIGS[0].parent / "default.yaml"), Config()
+    for section in ("retrieval", "model", "serve"):
+        got, want = getattr(cfg, section).model_dump(), getattr(defaults, section).model_dump()
+        got.pop("db_path", None), want.pop("db_path", None)
+        assert got == want, section
+    assert cfg.index.model_dump(exclude={"docs"}) == defaults.index.model_dump(exclude={"docs"})
+    assert cfg.finetune.model_dump(exclude={"stages"}) == defaults.finetune.model_dump(exclude={"stages"})
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path):
+    (tmp_path / "bot").mkdir()
+    (tmp_path / "bot" / "raglora.yaml").write_text("paths:\n  data_dir: data\nindex:\n  docs: [../docs]\n")
+    cfg = load_config(tmp_path / "bot" / "raglora.yaml", ["paths.reports_dir=out"])
+    assert cfg.paths.data_dir == str(tmp_path / "bot" / "data")
+    assert cfg.paths.index_dir == str(tmp_path / "bot" / "artifacts" / "index")  # a default, inside the project
+    assert cfg.index.docs == [str(tmp_path / "docs")]
+    assert cfg.paths.reports_dir == "out"  # --set values are as typed (relative to the working directory)
+
+
+def test_cross_references_name_what_is_missing(tmp_path):
+    with pytest.raises(RagloraError, match=r"stages\[x\]\.sources: unknown source 'nope'"):
+        load_config(None, ["finetune.stages=[{name: x, sources: [nope]}]"])
+    with pytest.raises(RagloraError, match=r"eval\.sets\.a: 'held_out:y' names no stage"):
+        load_config(None, ["finetune.stages=[{name: x}]", "eval.sets={a: 'held_out:y'}"])
 
 
 def test_set_indexes_into_lists_of_a_yaml_file():
