@@ -33,14 +33,16 @@ data: setup
 index: setup
 	$(RAGLORA) index --config $(CONFIG)
 
+# Q is the question to search for; the default suits the packaged demo project.
+Q ?= Do I need a building permit for an extension?
 search: setup
-	$(RAGLORA) search --config $(CONFIG) --k 3 "Do I need a building permit for an extension?"
+	$(RAGLORA) search --config $(CONFIG) --k 3 "$(Q)"
 
 finetune: setup
 	$(RAGLORA) finetune --config $(CONFIG)
 
 merge: setup
-	$(RAGLORA) merge --config $(CONFIG) --stages general,domain,subdomain --out artifacts/merged
+	$(RAGLORA) merge --config $(CONFIG) --out artifacts/merged
 
 serve: setup
 	$(RAGLORA) serve --config $(CONFIG)
@@ -52,12 +54,9 @@ eval: setup
 	$(RAGLORA) eval --config $(CONFIG)
 
 # data → index → finetune → eval; each step reuses what is already built and up to date.
+# DEMO_ARGS="--max-steps 2 --limit 3" makes a smoke run.
 demo: setup
-	$(RAGLORA) data --config $(CONFIG)
-	$(RAGLORA) index --config $(CONFIG)
-	$(RAGLORA) search --config $(CONFIG) --k 3 "Do I need a building permit for an extension?"
-	$(RAGLORA) finetune --config $(CONFIG)
-	$(RAGLORA) eval --config $(CONFIG)
+	$(RAGLORA) demo --config $(CONFIG) $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -205,7 +205,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from finetune.merge import merge_stages
 
     cfg = _config(args)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    stages = stages or [s.name for s in cfg.finetune.stages]
     out = merge_stages(
         cfg.model.base,
         adapters_dir=cfg.paths.adapters_dir,
@@ -306,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive, help="cap every stage's optimizer steps (smoke runs)")
 
     p = add("merge", cmd_merge, "Merge base + stage adapters into a full model loadable by AutoModelForCausalLM.")
-    p.add_argument("--stages", required=True, help="comma-separated stages to merge, in order")
+    p.add_argument("--stages", help="comma-separated stages to merge, in order (default: every configured stage)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
 
     p = add("serve", cmd_serve, "Serve the OpenAI-compatible chat API and the chat page.")
