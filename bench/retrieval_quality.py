@@ -1,7 +1,10 @@
-"""Retrieval quality on the FAQ knowledge base: does each held-out question retrieve its own entry?
+"""Retrieval quality on the project's knowledge base: does each held-out question retrieve its gold passage?
 
-Builds two throwaway indexes of data/kb/faq.jsonl — answers only (the honest figure) and question +
-answer (trivially high, shown beside it) — and reports hit@1/5/10 and MRR for dense, BM25 and hybrid.
+Builds two throwaway indexes of `index.docs` (what `raglora index` indexes): Q/A rows as answers only (the honest
+figure) and as question + answer (trivially high, shown beside it), and reports hit@1/5/10 and MRR for dense,
+BM25 and hybrid. Questions are the kb-kind evaluation sets (`eval.sets`), or with --all-questions every row of
+the Q/A knowledge base (<data_dir>/kb/*.jsonl). Gold passages come from retriever.gold.GoldFinder; questions
+without one are left out of the figures.
 
     .venv/bin/python bench/retrieval_quality.py [--config configs/default.yaml] [--all-questions]
 """
@@ -14,31 +17,41 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import load_config, resolve_eval_sets
+from pipeline.evaluate import load_test_set
 from retriever.embedder import load_embedder
 from retriever.evaluate import retrieval_metrics
+from retriever.gold import GoldFinder
 from retriever.index import build_index, load_index
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--all-questions", action="store_true", help="score all 503 FAQ questions, not only held-out")
+    ap.add_argument(
+        "--all-questions", action="store_true", help="score every Q/A knowledge-base row, not only held-out"
+    )
     ap.add_argument("--out", default="reports/retrieval_quality.json")
     args = ap.parse_args()
     cfg = load_config(args.config)
-    data = Path(cfg.paths.data_dir)
-    kb = data / "kb" / "faq.jsonl"
     if args.all_questions:
-        rows = [json.loads(line) for line in kb.read_text().splitlines()]
+        rows = [
+            {"id": r.get("id"), "question": r.get("question"), "answer": r.get("answer"), "source": r.get("source")}
+            for path in sorted((Path(cfg.paths.data_dir) / "kb").glob("*.jsonl"))
+            for r in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+        ]
     else:
         rows = [
-            json.loads(line)
-            for s in ("domain", "subdomain")
-            for line in (data / s / "test.jsonl").read_text().splitlines()
+            {"id": r["id"], "question": r["question"], "answer": r["reference"], "source": r["source"]}
+            for spec in resolve_eval_sets(cfg)
+            if spec.kind == "kb"
+            for r in load_test_set(spec.model_copy(update={"limit": sys.maxsize})).rows  # every held-out row
         ]
+    rows = [r for r in rows if r["question"]]
+    if not rows:
+        print("no questions to score: run `raglora data` (and check eval.sets)", file=sys.stderr)
+        return 1
     questions = [r["question"] for r in rows]
-    gold = [r["id"] for r in rows]
     embedder = load_embedder(cfg.index.embedder)
     rc = cfg.retrieval
     results = {}
@@ -47,19 +60,22 @@ def main() -> int:
             name = "question+answer" if with_question else "answer only"
             out = Path(tmp) / ("qa" if with_question else "a")
             build_index(
-                [str(kb)],
+                list(cfg.index.docs),
                 out,
                 embedder,
                 chunk_size=cfg.index.chunk_size,
                 chunk_overlap=cfg.index.chunk_overlap,
                 faq_include_question=with_question,
                 show_progress=False,
+                language=cfg.index.language,
             )
             index = load_index(out, embedder)
+            finder = GoldFinder(index.chunks)
+            gold = [finder.find(r) for r in rows]
             for mode in ("dense", "bm25", "hybrid"):
                 ranked = [
                     [
-                        h.chunk.source
+                        h.chunk.chunk_id
                         for h in index.search(
                             q,
                             k=10,
@@ -75,6 +91,7 @@ def main() -> int:
                 results[f"{name} / {mode}"] = retrieval_metrics(ranked, gold, ks=(1, 5, 10))
     report = {
         "questions": len(questions),
+        "questions_with_gold": results[next(iter(results))]["n"] if results else 0,
         "question_set": "all" if args.all_questions else "held-out test",
         "embedder": cfg.index.embedder,
         "results": results,

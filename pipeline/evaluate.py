@@ -1,9 +1,18 @@
-"""`raglora eval`: what does retrieval buy, what does fine-tuning buy, and what do both buy together?
+"""`raglora eval`: what does retrieval buy, what does each fine-tuning stage buy, and what do both buy together?
 
-Arms (rows of every table): `base`, `rag`, `lora-<stage>` and `rag+lora-<stage>` for each trained stage, and
-`oracle` (the deepest stage given the gold FAQ entry as its only context: the upper bound for generation).
-Test sets come from data/ and never entered training: held-out domain and subdomain FAQ questions, questions
-outside the knowledge base (the bot should decline and offer a human), and the general set (forgetting).
+Arms (rows of every table): `base`, `rag`, `lora-<stage>` and `rag+lora-<stage>` for each trained stage, in the
+order of the trained manifests' parent chain, and `oracle` (the deepest stage given the question's gold passages
+from the index as its only context: the upper bound for generation).
+
+Test sets come from `eval.sets` (`pipeline.config.resolve_eval_sets`), each of one kind:
+  - `kb`: answerable from the documents: answer quality, false refusals, and with retrieval groundedness,
+    citations and hit@k against the gold passages (`retriever.gold.GoldFinder`; no gold -> n/a, never 0);
+  - `out_of_kb`: the right reply is a hand-over (refusal rate); a file set whose rows have no answers is one;
+  - `general`: general conversation without documents: closed-book arms only, to measure forgetting.
+
+The report shows each stage's paired gain over its parent on the stage's own held-out set (closed book and with
+retrieval) and forgetting measured on answers (token F1 on every `general` set) beside the validation-loss figure
+of the stage manifests.
 
 Generation is batched through the serving `Generator` (left padding, KV cache, greedy), with prompts sorted by
 length so a batch wastes little on padding. Every metric gets a 95% bootstrap interval (pipeline.metrics).
@@ -11,103 +20,174 @@ length so a batch wastes little on padding. Every metric gets a 95% bootstrap in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import subprocess
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from pipeline import metrics as M
+from pipeline.config import EvalConfig, EvalSet, resolve_eval_sets
 from retriever.errors import RagloraError
+from retriever.evaluate import hit_ks, retrieval_hits
 
-TEST_SETS = {
-    "domain": "held-out FAQ questions outside the subdomain categories (data/domain/test.jsonl)",
-    "subdomain": "held-out FAQ questions in the subdomain categories (data/subdomain/test.jsonl)",
-    "out_of_kb": "questions outside the knowledge base; the right answer is a refusal (data/eval/out_of_kb.jsonl)",
-    "general": "held-out general conversation (data/general/test.jsonl), for forgetting",
+KIND_DESCRIPTIONS = {
+    "kb": "answerable from the knowledge base",
+    "out_of_kb": "outside the knowledge base: the right reply is a hand-over (refusal rate)",
+    "general": "general conversation without documents: closed-book arms only, measures forgetting",
 }
 QUALITY = ("token_f1", "rouge_l", "semantic_similarity")
-RAG_METRICS = ("groundedness", "citation_precision", "has_citation", "hit@1", "hit@5", "mrr")
-
-
-class EvalConfig(BaseModel):
-    """The `eval` section: which arms, how many questions, how long the answers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    arms: list[str] = ["base", "rag", "lora", "rag+lora", "oracle"]  # lora / rag+lora expand to every stage
-    stages: list[str] | None = None  # default: every trained stage
-    max_questions: dict[str, int] = {"domain": 20, "subdomain": 12, "out_of_kb": 12, "general": 12}
-    max_new_tokens: int = Field(48, gt=0)
-    batch_size: int = Field(16, gt=0)
-    speedup_questions: int = Field(8, ge=0)  # answered one at a time and batched, to report the speed-up
-    bootstrap_resamples: int = Field(1000, gt=0)
-    calibration_pairs: int = Field(60, ge=0)
-    examples: int = Field(5, ge=0)
+GAIN_METRIC = "token_f1"
+KNOWN_ARMS = ("base", "rag", "lora", "rag+lora", "oracle")
 
 
 # -- data ---------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise RagloraError(f"test set {path} is missing: run `make data`")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise RagloraError(f"{path}: line {n} is not valid JSON") from None
+@dataclass
+class TestSet:
+    """One loaded evaluation set: rows {id, question, history, reference, source, gold} scored as `kind`."""
+
+    name: str
+    kind: str
+    path: str
+    rows: list[dict]
+    held_out_of: str | None = None  # the stage whose held-out split this is (held_out:<stage>), if any
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """JSONL (one object a line) or a JSON list of objects."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RagloraError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(rows, list):
+            raise RagloraError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise RagloraError(f"{path}: line {n} is not valid JSON") from None
+    bad = next((i for i, r in enumerate(rows, start=1) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise RagloraError(f"{path}: row {bad} is not an object with question/answer or messages")
     return rows
 
 
-def load_test_sets(data_dir: str | Path, max_questions: dict[str, int]) -> tuple[dict[str, list[dict]], list[str]]:
-    """{set: [{id, question, reference, gold}]} (first n rows of each, files are sorted by id) and notes."""
-    data = Path(data_dir)
-    raw = {
-        "domain": _read_jsonl(data / "domain" / "test.jsonl"),
-        "subdomain": _read_jsonl(data / "subdomain" / "test.jsonl"),
-        "out_of_kb": _read_jsonl(data / "eval" / "out_of_kb.jsonl"),
-        "general": _read_jsonl(data / "general" / "test.jsonl"),
+def parse_row(row: dict) -> dict:
+    """{id, question, history, reference, source} of a test row.
+
+    Single-turn rows carry `question`/`answer`. A conversation (`messages`) is asked at its last user turn before
+    the final assistant turn, with the earlier turns as history; that assistant turn is the reference.
+    """
+    question, reference, history = row.get("question"), row.get("answer"), []
+    if not question and isinstance(row.get("messages"), list):
+        turns = [m for m in row["messages"] if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+        last_answer = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
+        before = turns if last_answer is None else turns[:last_answer]
+        last_user = max((i for i, m in enumerate(before) if m["role"] == "user"), default=None)
+        if last_user is not None:
+            question = before[last_user].get("content")
+            history = [{"role": m["role"], "content": str(m.get("content") or "")} for m in before[:last_user]]
+            reference = turns[last_answer].get("content") if last_answer is not None else None
+    question = str(question).strip() if question else None
+    reference = str(reference).strip() if reference is not None and str(reference).strip() else None
+    row_id = row.get("id")
+    if row_id is None or not str(row_id).strip():
+        row_id = "q-" + hashlib.sha256((question or "").encode("utf-8")).hexdigest()[:12]
+    source = row.get("source")
+    return {
+        "id": str(row_id),
+        "question": question,
+        "history": history,
+        "reference": reference,
+        "source": str(source) if source else None,
     }
-    sets, notes = {}, []
-    for name, rows in raw.items():
-        out = []
+
+
+def load_test_set(spec: EvalSet, *, held_out_of: str | None = None) -> TestSet:
+    """Read and parse one resolved set, capped at its limit; a set whose rows have no answers is out_of_kb."""
+    path = Path(spec.path)
+    fix = "run `raglora data`" + (f" (or fix eval.sets.{spec.name})" if held_out_of is None else "")
+    if not path.is_file():
+        raise RagloraError(f"eval set {spec.name!r}: {path} is missing: {fix}")
+    rows = [parse_row(r) for r in _read_rows(path)]
+    rows = [r for r in rows if r["question"]]
+    if not rows:
+        raise RagloraError(f"eval set {spec.name!r}: {path} has no questions: {fix}")
+    kind, notes = spec.kind, []
+    if kind != "out_of_kb" and not any(r["reference"] for r in rows):
+        kind = "out_of_kb"
+        notes.append(f"{spec.name}: no row of {path.name} has an answer, so it is scored as out_of_kb (refusals)")
+    if kind == "out_of_kb":
         for r in rows:
-            question = r.get("question") or (r.get("messages") or [{}])[0].get("content")
-            reference = r.get("answer") if "answer" in r else None
-            if reference is None and name == "general" and len(r.get("messages", [])) > 1:
-                reference = r["messages"][1]["content"]
-            if not question or (reference is None and name != "out_of_kb"):
-                notes.append(f"{name}: row {r.get('id')} has no question or reference; skipped")
-                continue
-            out.append({"id": r["id"], "question": question, "reference": reference, "gold": r.get("faq_id")})
-        limit = max_questions.get(name, len(out) or 1)
-        if limit <= 0:
-            continue  # switched off in config
-        if not out:
-            raise RagloraError(f"test set {name!r} is empty: run `make data`")
-        sets[name] = out[:limit]
-    return sets, notes
+            r["reference"] = None
+    else:
+        missing = [r["id"] for r in rows if r["reference"] is None]
+        if missing:
+            notes.append(f"{spec.name}: {len(missing)} row(s) without an answer skipped (e.g. {missing[0]})")
+        rows = [r for r in rows if r["reference"] is not None]
+    return TestSet(spec.name, kind, str(path), rows[: spec.limit], held_out_of, notes)
+
+
+def _held_out_stages(cfg) -> dict[str, str]:
+    """{set name: stage} for the sets that are a stage's held-out split (`from: held_out:<stage>`)."""
+    if cfg.eval.sets:
+        return {
+            name: spec.from_.split(":", 1)[1]
+            for name, spec in cfg.eval.sets.items()
+            if spec.from_.startswith("held_out:")
+        }
+    return {s.name: s.name for s in cfg.finetune.stages if s.kind == "chat"}  # resolve_eval_sets' default
+
+
+def load_test_sets(cfg, limit: int | None = None) -> list[TestSet]:
+    """Every set of `eval.sets`, each capped at its limit (and at `limit`, the CLI's --limit)."""
+    stage_of = _held_out_stages(cfg)
+    specs = resolve_eval_sets(cfg, limit)
+    if not specs:
+        raise RagloraError("no evaluation sets: add eval.sets to the config (or finetune.stages, then `raglora data`)")
+    return [load_test_set(s, held_out_of=getattr(s, "stage", None) or stage_of.get(s.name)) for s in specs]
+
+
+def assign_gold(sets: list[TestSet], index) -> None:
+    """Gold chunk ids of every kb row (empty: no defined gold, so its retrieval metrics read n/a)."""
+    from retriever.gold import GoldFinder
+
+    finder = GoldFinder(index.chunks) if index is not None else None
+    for ts in sets:
+        for r in ts.rows:
+            r["gold"] = (
+                finder.find({"id": r["id"], "source": r["source"], "answer": r["reference"]})
+                if finder is not None and ts.kind == "kb"
+                else []
+            )
 
 
 # -- arms ---------------------------------------------------------------------------------------------------
 
 
 def plan_arms(
-    requested: list[str], stages: list[str], *, has_index: bool, oracle_ok: bool
+    requested: list[str], stages: list[str], *, has_index: bool, oracle_ok: bool | None = None
 ) -> tuple[dict[str, dict], dict[str, str]]:
     """Expand arm names into {name: {mode, stage, oracle}} plus {name: reason} for the arms that cannot run."""
+    oracle_ok = has_index if oracle_ok is None else oracle_ok
     arms: dict[str, dict] = {}
     skipped: dict[str, str] = {}
-    no_index = "no index: run `make index`"
-    no_adapters = "no trained stage adapters: run `make finetune`"
+    no_index = "no index: run `raglora index`"
+    no_adapters = "no trained stage adapters: run `raglora finetune`"
     for arm in requested:
         if arm in ("base", "rag"):
             if arm == "rag" and not has_index:
@@ -124,46 +204,52 @@ def plan_arms(
                     arms[f"{arm}-{stage}"] = {"mode": arm, "stage": stage, "oracle": False}
         elif arm == "oracle":
             if not oracle_ok:
-                skipped[arm] = "needs the knowledge base data/kb/faq.jsonl: run `make data`"
+                skipped[arm] = "needs the index (the gold passages come from it): run `raglora index`"
             else:
                 # Deepest stage when there is one: the best generator we have, given perfect retrieval.
                 arms[arm] = {"mode": "rag+lora" if stages else "rag", "stage": stages[-1] if stages else None}
                 arms[arm]["oracle"] = True
         else:
-            raise RagloraError(f"eval.arms: unknown arm {arm!r} (known: base, rag, lora, rag+lora, oracle)")
+            raise RagloraError(f"eval.arms: unknown arm {arm!r} (known: {', '.join(KNOWN_ARMS)})")
     return arms, skipped
 
 
-def _arm_sets(arm: dict) -> list[str]:
-    """General questions are not in the knowledge base: they measure forgetting of the no-retrieval arms."""
+def arm_kinds(arm: dict) -> tuple[str, ...]:
+    """Which kinds of set an arm answers: general sets have no documents, so only closed-book arms take them."""
     if arm["oracle"]:
-        return ["domain", "subdomain"]
-    sets = ["domain", "subdomain", "out_of_kb"]
-    return [*sets, "general"] if arm["mode"] in ("base", "lora") else sets
+        return ("kb",)
+    return ("kb", "out_of_kb", "general") if arm["mode"] in ("base", "lora") else ("kb", "out_of_kb")
 
 
 # -- generation -----------------------------------------------------------------------------------------------
 
 
-def answer_all(service, arm: dict, questions: list[dict], kb: dict[str, dict], params, *, desc: str) -> list[dict]:
+def answer_all(service, arm: dict, questions: list[dict], params, *, k: int, desc: str) -> list[dict]:
     """Prepare every prompt, generate them in length-sorted batches, return one record per question."""
-    chunk_text = {c.chunk_id: c.text for c in service.index.chunks} if service.index is not None else {}
+    chunks = {c.chunk_id: c for c in service.index.chunks} if service.index is not None else {}
     prepared = []
     for q in questions:
         if arm["oracle"]:
-            row = kb[q["gold"]]
-            gold_ctx = [{"text": row["answer"], "title": row["category"], "source": row["id"], "chunk_id": row["id"]}]
-            messages, ids, _, used = service.build_prompt(
-                q["question"], gold_ctx, [], service.rag_system_prompt, params.max_new_tokens
+            gold = [chunks[c] for c in q["gold"] if c in chunks][:k]
+            gold_ctx = [{"text": c.text, "title": c.title, "source": c.source, "chunk_id": c.chunk_id} for c in gold]
+            _, ids, _, used = service.build_prompt(
+                q["question"], gold_ctx, list(q["history"]), service.rag_system_prompt, params.max_new_tokens
             )
-            citations = [{"n": 1, "source": row["id"], "title": row["category"], "chunk_id": row["id"], "score": 1.0}]
+            citations = [
+                {"n": n, "source": c["source"], "title": c["title"], "chunk_id": c["chunk_id"], "score": 1.0}
+                for n, c in enumerate(used or [], start=1)
+            ]
             contexts = [c["text"] for c in used or []]
             prepared.append({"ids": ids, "citations": citations, "contexts": contexts, "handoff": None})
         else:
             p = service.prepare(
-                q["question"], [], mode=arm["mode"], stage=arm["stage"], max_new_tokens=params.max_new_tokens
+                q["question"],
+                list(q["history"]),
+                mode=arm["mode"],
+                stage=arm["stage"],
+                max_new_tokens=params.max_new_tokens,
             )
-            contexts = [chunk_text.get(c["chunk_id"], "") for c in p.citations]
+            contexts = [chunks[c["chunk_id"]].text if c["chunk_id"] in chunks else "" for c in p.citations]
             prepared.append(
                 {"ids": p.prompt_ids, "citations": p.citations, "contexts": contexts, "handoff": p.handoff_text}
             )
@@ -185,7 +271,7 @@ def answer_all(service, arm: dict, questions: list[dict], kb: dict[str, dict], p
                 "id": q["id"],
                 "question": q["question"],
                 "reference": q["reference"],
-                "gold": q["gold"],
+                "gold": q.get("gold") or [],
                 "answer": text,
                 "prompt": service.tokenizer.decode(p["ids"]),
                 "contexts": p["contexts"],
@@ -201,8 +287,21 @@ def answer_all(service, arm: dict, questions: list[dict], kb: dict[str, dict], p
 # -- scoring ------------------------------------------------------------------------------------------------
 
 
-def score_records(records: list[dict], test_set: str, *, rag: bool, embed, threshold: float) -> None:
-    """Add `scores` to every record in place (one value per metric; nan where it does not apply)."""
+def score_records(
+    records: list[dict],
+    kind: str,
+    *,
+    rag: bool,
+    embed,
+    threshold: float,
+    ks: tuple[int, ...] = (1, 3),
+    refusal_replies: tuple[str, ...] = (),
+) -> None:
+    """Add `scores` to every record in place (one value per metric; nan where it does not apply).
+
+    hit@k, MRR and citation precision are nan for a question without a defined gold passage. An answer refuses
+    when it was handed over, reads as a refusal, or contains one of `refusal_replies` (the project's own texts).
+    """
     answered = [r for r in records if r["reference"] is not None]
     if answered and embed is not None:
         sims = M.semantic_similarity(
@@ -212,46 +311,50 @@ def score_records(records: list[dict], test_set: str, *, rag: bool, embed, thres
         sims = [math.nan] * len(answered)
     sim_of = {id(r): float(s) for r, s in zip(answered, sims, strict=True)}
     for r in records:
-        refused = r["handoff"] or M.is_refusal(r["answer"])
+        refused = r["handoff"] or M.is_refusal(r["answer"], refusal_replies)
         s: dict[str, float] = {"refusal_rate": float(refused)}
         if r["reference"] is not None:
             s["token_f1"] = M.token_f1(r["answer"], r["reference"])
             s["rouge_l"] = M.rouge_l(r["answer"], r["reference"])
             s["semantic_similarity"] = sim_of[id(r)]
-        if test_set in ("domain", "subdomain"):
+        if kind == "kb":
             s["false_refusal_rate"] = float(refused)
             if rag:
                 s["groundedness"] = M.groundedness(r["answer"], r["contexts"], embed=embed, threshold=threshold)
-                by_number = {c["n"]: c["source"] for c in r["citations"]}
+                by_number = {c["n"]: c.get("chunk_id") for c in r["citations"]}
                 s["citation_precision"] = M.citation_precision(r["answer"], by_number, r["gold"])
                 s["has_citation"] = float(M.has_citation(r["answer"]))
-                s.update(M.retrieval_hits([c["source"] for c in r["citations"]], r["gold"], ks=(1, 5)))
+                s.update(retrieval_hits([c.get("chunk_id") for c in r["citations"]], r["gold"], ks=ks))
         r["scores"] = s
 
 
-def calibrate_groundedness(kb_rows: list[dict], embed, n_pairs: int, seed: int = 0) -> dict:
-    """Label sentence/context pairs from the FAQ itself: a sentence against the rest of its own answer is
-    supported, against a random other answer is not. (Against its own full answer the sentence matches itself
-    word for word, which calibrates nothing.)"""
+def rag_metrics(ks: tuple[int, ...]) -> tuple[str, ...]:
+    return ("groundedness", "citation_precision", "has_citation", *(f"hit@{k}" for k in ks), "mrr")
+
+
+def calibrate_groundedness(texts: list[str], embed, n_pairs: int, seed: int = 0) -> dict:
+    """Label sentence/context pairs from the knowledge base itself (index chunks or KB answers, any domain): a
+    sentence against the rest of its own passage is supported, against a random other passage is not. (Against
+    its own full passage the sentence matches itself word for word, which calibrates nothing.)"""
     rng = np.random.default_rng(seed)
-    rows = [r for r in kb_rows if len(M.split_sentences(r["answer"])) >= 2]
-    if n_pairs <= 0 or len(rows) < 3:
+    passages = [t for t in dict.fromkeys(texts) if len(M.split_sentences(t)) >= 2]
+    if n_pairs <= 0 or len(passages) < 3:
         return {"threshold": 0.6, "method": "default threshold 0.6 (no calibration pairs)"}
-    picks = rng.choice(len(rows), size=min(n_pairs, len(rows)), replace=False)
+    picks = rng.choice(len(passages), size=min(n_pairs, len(passages)), replace=False)
     supported, unsupported = [], []
     for i in picks:
-        sentences = M.split_sentences(rows[i]["answer"])
+        sentences = M.split_sentences(passages[i])
         j = int(rng.integers(len(sentences)))
         rest = " ".join(sentences[:j] + sentences[j + 1 :])
-        other = rows[int((i + 1 + rng.integers(len(rows) - 1)) % len(rows))]["answer"]
+        other = passages[int((i + 1 + rng.integers(len(passages) - 1)) % len(passages))]
         supported.append((sentences[j], rest))
         unsupported.append((sentences[j], other))
     result = M.calibrate_groundedness_threshold(supported, unsupported, embed)
     result["method"] = (
         "an answer sentence is supported when its best cosine similarity to a retrieved-context sentence reaches the "
         "threshold, or when half its content-word trigrams occur in the context; the threshold maximises balanced "
-        f"accuracy on {len(supported)} supported (sentence vs the rest of its own FAQ answer) and {len(unsupported)} "
-        "unsupported (sentence vs a random other answer) pairs from the knowledge base"
+        f"accuracy on {len(supported)} supported (sentence vs the rest of its own passage) and {len(unsupported)} "
+        "unsupported (sentence vs a random other passage) pairs from the knowledge base"
     )
     return result
 
@@ -273,7 +376,7 @@ def _stage_summaries(adapters_dir: str | Path, stages: list[str]) -> dict:
     out = {}
     for stage in stages:
         m = read_manifest(adapters_dir, stage)
-        metrics = m.get("metrics", {})
+        metrics = dict(m.get("metrics", {}))
         log = stage_dir(adapters_dir, stage) / "train_log.jsonl"
         curve = []
         if log.is_file():
@@ -281,7 +384,24 @@ def _stage_summaries(adapters_dir: str | Path, stages: list[str]) -> dict:
                 row = json.loads(line) if line.strip() else {}
                 if "loss" in row and "step" in row:
                     curve.append([row["step"], row["loss"]])
-        out[stage] = {"train_loss_curve": curve, "raft": bool(m.get("config", {}).get("raft", False)), **metrics}
+        if isinstance(metrics.get("validation_loss"), dict) and "val_loss" not in metrics:
+            metrics["val_loss"] = metrics["validation_loss"].get(stage)
+        out[stage] = {
+            "train_loss_curve": curve,
+            "raft": bool(m.get("config", {}).get("raft", False)),
+            "parents": list(m.get("parents") or []),
+            **metrics,
+        }
+    return out
+
+
+def stage_parents(service, stages: list[str]) -> dict[str, str | None]:
+    """{stage: the stage it was trained on top of (last of its manifest's parents), None = the base model}."""
+    infos = getattr(service.models, "stages", {}) or {}
+    out = {}
+    for stage in stages:
+        parents = tuple(getattr(infos.get(stage), "parents", ()) or ())
+        out[stage] = parents[-1] if parents else None
     return out
 
 
@@ -307,30 +427,54 @@ def measure_speedup(service, questions: list[dict], params, *, desc: str = "spee
     }
 
 
-def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None) -> Path:
-    """Run every arm on every applicable test set and write reports/<run>/ (results.json, report.md/.html)."""
+def _retrieval_k(service, cfg) -> int:
+    rc = getattr(service, "retrieval", None)
+    k = rc.get("k") if isinstance(rc, dict) else getattr(rc, "k", None)
+    return int(k or cfg.retrieval.k)
+
+
+def _retrieval_mode(service, cfg) -> str:
+    rc = getattr(service, "retrieval", None)
+    mode = rc.get("mode") if isinstance(rc, dict) else getattr(rc, "mode", None)
+    return str(mode or cfg.retrieval.mode)
+
+
+def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limit: int | None = None) -> Path:
+    """Run every arm on every applicable test set and write reports/<run>/ (results.json, report.md/.html).
+
+    `limit` caps every test set (the CLI's --limit, for smoke runs).
+    """
     from pipeline.answer import build_service
     from pipeline.api.settings import ServeConfig
     from pipeline.generate import SamplingParams
     from pipeline.report import write_report
 
     ec: EvalConfig = cfg.eval
-    sets, notes = load_test_sets(cfg.paths.data_dir, ec.max_questions)
-    kb_path = Path(cfg.paths.data_dir) / "kb" / "faq.jsonl"
-    kb_rows = _read_jsonl(kb_path) if kb_path.is_file() else []
-    kb = {r["id"]: r for r in kb_rows}
+    sets = load_test_sets(cfg, limit)
+    notes = [n for ts in sets for n in ts.notes]
     if service is None:
         serve = ServeConfig(
             **{**cfg.serve.model_dump(), "batching": True, "max_batch_size": ec.batch_size, "batch_wait_ms": 50}
         )
         service = build_service(cfg, serve=serve, with_store=False)
-    trained = service.models.stage_names
-    stages = [s for s in (ec.stages or trained) if s in trained]
+    has_index = service.index is not None
+    assign_gold(sets, service.index)
+    for ts in sets:
+        if ts.kind == "kb" and has_index:
+            missing = sum(1 for r in ts.rows if not r["gold"])
+            if missing:
+                notes.append(
+                    f"{ts.name}: {missing} of {len(ts.rows)} question(s) have no gold passage in the index (neither a "
+                    "matching source nor enough answer overlap): hit@k, MRR and citation precision leave them out"
+                )
+    trained = service.models.stage_names  # chain order (parents first), from the manifests
+    stages = [s for s in trained if ec.stages is None or s in ec.stages]
     for s in ec.stages or []:
         if s not in trained:
-            notes.append(f"stage {s!r} has no trained adapter under {cfg.paths.adapters_dir}: run `make finetune`")
-    arms, skipped = plan_arms(ec.arms, stages, has_index=service.index is not None, oracle_ok=bool(kb))
-    embedder = service.index.embedder if service.index is not None else None
+            notes.append(f"stage {s!r} has no trained adapter under {cfg.paths.adapters_dir}: run `raglora finetune`")
+    parents = stage_parents(service, stages)
+    arms, skipped = plan_arms(ec.arms, stages, has_index=has_index)
+    embedder = service.index.embedder if has_index else None
     if embedder is None:
         from retriever.embedder import load_embedder
 
@@ -339,34 +483,48 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None) -> P
     def embed(texts):
         return embedder.encode(list(texts), batch_size=64)
 
-    calibration = calibrate_groundedness(kb_rows, embed, ec.calibration_pairs)
+    k = _retrieval_k(service, cfg)
+    ks = hit_ks(k)
+    calibration = calibrate_groundedness(
+        [c.text for c in service.index.chunks] if has_index else [], embed, ec.calibration_pairs
+    )
     threshold = float(calibration.get("threshold", 0.6))
     params = SamplingParams(max_new_tokens=ec.max_new_tokens)
+    replies = (cfg.project.no_answer_reply, cfg.project.handoff_reply)
+    kind_of = {ts.name: ts.kind for ts in sets}
+    kb_sets = {ts.name for ts in sets if ts.kind == "kb"}
     results_arms: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
     t_start = time.perf_counter()
     for name, arm in arms.items():
         rag = arm["mode"] in ("rag", "rag+lora")
         records: list[dict] = []
         t0 = time.perf_counter()
-        for test_set in _arm_sets(arm):
-            if test_set not in sets or (arm["oracle"] and any(q["gold"] not in kb for q in sets[test_set])):
+        for ts in sets:
+            if ts.kind not in arm_kinds(arm):
                 continue
-            recs = answer_all(service, arm, sets[test_set], kb, params, desc=f"{name}/{test_set}")
+            rows = [r for r in ts.rows if r["gold"]] if arm["oracle"] else ts.rows
+            if not rows:
+                continue
+            recs = answer_all(service, arm, rows, params, k=k, desc=f"{name}/{ts.name}")
             for r in recs:
-                r["test_set"] = test_set
-            score_records(recs, test_set, rag=rag, embed=embed, threshold=threshold)
+                r["test_set"] = ts.name
+            score_records(recs, ts.kind, rag=rag, embed=embed, threshold=threshold, ks=ks, refusal_replies=replies)
             records += recs
+        if not records:
+            results_arms[name] = {"skipped": "no test set applies to this arm"}
+            continue
         seconds = time.perf_counter() - t0
         by_set = {}
         for test_set in dict.fromkeys(r["test_set"] for r in records):
             rows = [r for r in records if r["test_set"] == test_set]
-            names = sorted({k for r in rows for k in r["scores"]})
+            names = sorted({m for r in rows for m in r["scores"]})
             by_set[test_set] = M.summarize(rows, names, n_resamples=ec.bootstrap_resamples)
-        in_domain = [r for r in records if r["test_set"] in ("domain", "subdomain")]
-        headline_names = [*QUALITY, "false_refusal_rate", *(RAG_METRICS if rag else ())]
-        headline = M.summarize(in_domain, headline_names, n_resamples=ec.bootstrap_resamples)
-        if "out_of_kb" in by_set:
-            headline["refusal_rate"] = by_set["out_of_kb"]["refusal_rate"]
+        in_domain = [r for r in records if r["test_set"] in kb_sets]
+        headline_names = [*QUALITY, "false_refusal_rate", *(rag_metrics(ks) if rag else ())]
+        headline = M.summarize(in_domain, headline_names, n_resamples=ec.bootstrap_resamples) if in_domain else {}
+        out_of_kb = [r for r in records if kind_of[r["test_set"]] == "out_of_kb"]
+        if out_of_kb:
+            headline.update(M.summarize(out_of_kb, ["refusal_rate"], n_resamples=ec.bootstrap_resamples))
         latencies = [r["latency_s"] for r in records if not r["handoff"]]
         tokens = sum(r["completion_tokens"] for r in records)
         point, low, high = M.bootstrap_ci(latencies, n_resamples=ec.bootstrap_resamples)
@@ -386,44 +544,57 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None) -> P
             "wall_s": seconds,
             "answers": records,
         }
-    comparisons = _comparisons(results_arms, stages, ec.bootstrap_resamples)
+    n = ec.bootstrap_resamples
+    comparisons = _comparisons(results_arms, stages, kb_sets, n)
     speed = {}
-    if ec.speedup_questions and "domain" in sets:
-        speed = measure_speedup(service, sets["domain"][: ec.speedup_questions], params)
+    first = next((ts for ts in sets if ts.kind == "kb"), sets[0])
+    if ec.speedup_questions and first.rows:
+        speed = measure_speedup(service, first.rows[: ec.speedup_questions], params)
         notes.append(
             f"batched generation: {speed['questions']} questions in {speed['batched_s']}s vs {speed['one_at_a_time_s']}s "
             f"one at a time (x{speed['speedup']}); identical outputs: {speed['identical_outputs']}"
         )
     stage_info = _stage_summaries(cfg.paths.adapters_dir, stages) if stages else {}
-    forgetting = {}
-    for after in ["base", *stages]:
-        arm_name = "base" if after == "base" else f"lora-{after}"
-        general = results_arms.get(arm_name, {}).get("by_test_set", {}).get("general")
-        if general:
-            forgetting[after] = {m: general[m] for m in QUALITY if m in general}
+    own_sets: dict[str, list[str]] = {}
+    for ts in sets:
+        if ts.held_out_of:
+            own_sets.setdefault(ts.held_out_of, []).append(ts.name)
+    gains = stage_gains(results_arms, stages, parents, own_sets, n)
+    forgetting = forgetting_on_answers(results_arms, stages, parents, sets, stage_info, n)
     retrieval = {}
     for name, arm in results_arms.items():
-        if "metrics" in arm and "hit@5" in arm["metrics"] and name != "oracle":
-            retrieval[name] = {m: arm["metrics"][m] for m in ("hit@1", "hit@5", "mrr")}
-            break  # every RAG arm retrieves the same chunks: one row says it
+        if "metrics" in arm and f"hit@{k}" in arm["metrics"] and name != "oracle":
+            label = f"{_retrieval_mode(service, cfg)}, k={k}"
+            retrieval[label] = {m: arm["metrics"][m] for m in (*(f"hit@{x}" for x in ks), "mrr")}
+            break  # every RAG arm retrieves the same passages: one row says it
     now = datetime.now(timezone.utc)
     run_name = now.strftime("%Y%m%d-%H%M%S")
     data_manifest = Path(cfg.paths.data_dir) / "manifest.json"
-    data_version = json.loads(data_manifest.read_text())["dataset_version"] if data_manifest.is_file() else None
+    data_version = None
+    if data_manifest.is_file():
+        data_version = json.loads(data_manifest.read_text(encoding="utf-8")).get("dataset_version")
     results = {
         "run": {
             "name": run_name,
             "created": now.isoformat(timespec="seconds"),
             "git_commit": _git_commit(),
+            "project": cfg.project.name,
             "model": cfg.model.base,
             "data_version": data_version,
-            "config": cfg.model_dump(mode="json"),
+            "config": cfg.model_dump(mode="json", by_alias=True),
+            "limit": limit,
             "wall_s": round(time.perf_counter() - t_start, 1),
         },
-        "bootstrap": {"n_resamples": ec.bootstrap_resamples, "confidence": 0.95, "seed": 0},
-        "test_sets": {k: {"description": TEST_SETS[k], "n": len(v)} for k, v in sets.items()},
+        "bootstrap": {"n_resamples": n, "confidence": 0.95, "seed": 0},
+        "test_sets": {ts.name: _describe_set(ts) for ts in sets},
+        "headline": {
+            "kb_sets": [ts.name for ts in sets if ts.kind == "kb"],
+            "out_of_kb_sets": [ts.name for ts in sets if ts.kind == "out_of_kb"],
+        },
+        "stage_order": stages,
         "arms": results_arms,
         "comparisons": comparisons,
+        "stage_gains": gains,
         "stages": stage_info,
         "forgetting": forgetting,
         "retrieval": retrieval,
@@ -436,9 +607,20 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None) -> P
     return out
 
 
+def _describe_set(ts: TestSet) -> dict:
+    origin = f"held-out questions of stage {ts.held_out_of}" if ts.held_out_of else f"file {Path(ts.path).name}"
+    return {
+        "description": f"{origin}; {KIND_DESCRIPTIONS[ts.kind]}",
+        "kind": ts.kind,
+        "held_out_of": ts.held_out_of,
+        "path": ts.path,
+        "n": len(ts.rows),
+    }
+
+
 def _describe(name: str, arm: dict) -> str:
     if arm["oracle"]:
-        return f"gold FAQ entry as the only context, {arm['stage'] or 'base'} model (upper bound)"
+        return f"gold passages from the index as the only context, {arm['stage'] or 'base'} model (upper bound)"
     parts = {
         "base": "base model, no retrieval",
         "rag": "retrieval + base model",
@@ -448,8 +630,28 @@ def _describe(name: str, arm: dict) -> str:
     return parts[arm["mode"]] + (f" ({arm['stage']})" if arm["stage"] else "")
 
 
-def _comparisons(arms: dict, stages: list[str], n_resamples: int) -> list[dict]:
-    """Paired differences on token F1 (same questions): what retrieval, fine-tuning, and both buy."""
+def _paired(arms: dict, a: str, b: str, test_sets: set[str], metric: str) -> tuple[list[float], list[float]]:
+    """Per-question scores of arms a and b on the questions both answered in `test_sets`."""
+    if "answers" not in arms.get(a, {}) or "answers" not in arms.get(b, {}):
+        return [], []
+    key = lambda r: (r["test_set"], r["id"])  # noqa: E731
+    bs = {key(r): r["scores"].get(metric, math.nan) for r in arms[b]["answers"] if r["test_set"] in test_sets}
+    pairs = [(r["scores"].get(metric, math.nan), bs[key(r)]) for r in arms[a]["answers"] if key(r) in bs]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _diff(arms: dict, a: str, b: str, test_sets: set[str], metric: str, n_resamples: int) -> dict | None:
+    xa, xb = _paired(arms, a, b, test_sets, metric)
+    if not xa:
+        return None
+    diff, low, high = M.paired_bootstrap_diff(xa, xb, n_resamples=n_resamples)
+    keep = [not (math.isnan(x) or math.isnan(y)) for x, y in zip(xa, xb, strict=True)]
+    mean = lambda xs: float(np.mean([x for x, k in zip(xs, keep, strict=True) if k])) if any(keep) else math.nan  # noqa: E731
+    return {"diff": diff, "low": low, "high": high, "n": sum(keep), "a_mean": mean(xa), "b_mean": mean(xb)}
+
+
+def _comparisons(arms: dict, stages: list[str], kb_sets: set[str], n_resamples: int) -> list[dict]:
+    """Paired differences on token F1 over the kb sets: what retrieval, fine-tuning, and both buy."""
     deepest = stages[-1] if stages else None
     pairs = [("rag", "base")]
     if deepest:
@@ -460,19 +662,102 @@ def _comparisons(arms: dict, stages: list[str], n_resamples: int) -> list[dict]:
         ]
     out = []
     for a, b in pairs:
-        if "answers" not in arms.get(a, {}) or "answers" not in arms.get(b, {}):
-            continue
-        key = lambda r: (r["test_set"], r["id"])  # noqa: E731
-        bs = {key(r): r["scores"].get("token_f1", math.nan) for r in arms[b]["answers"]}
-        paired = [
-            (r["scores"].get("token_f1", math.nan), bs[key(r)])
-            for r in arms[a]["answers"]
-            if key(r) in bs and r["test_set"] in ("domain", "subdomain")
-        ]
-        if not paired:
-            continue
-        diff, low, high = M.paired_bootstrap_diff(
-            [p[0] for p in paired], [p[1] for p in paired], n_resamples=n_resamples
-        )
-        out.append({"a": a, "b": b, "metric": "token_f1", "diff": diff, "low": low, "high": high})
+        d = _diff(arms, a, b, kb_sets, GAIN_METRIC, n_resamples)
+        if d is not None:
+            out.append({"a": a, "b": b, "metric": GAIN_METRIC, **d})
     return out
+
+
+def stage_gains(
+    arms: dict,
+    stages: list[str],
+    parents: dict[str, str | None],
+    own_sets: dict[str, list[str]],
+    n_resamples: int,
+    metric: str = GAIN_METRIC,
+) -> list[dict]:
+    """What each stage buys: its paired gain over its parent on its own held-out set, closed book and with
+    retrieval (lora-<stage> vs lora-<parent> or base; rag+lora-<stage> vs rag+lora-<parent> or rag)."""
+    out = []
+    for stage in stages:
+        parent = parents.get(stage)
+        sets = set(own_sets.get(stage, []))
+        for setting, a, b in (
+            ("closed book", f"lora-{stage}", f"lora-{parent}" if parent else "base"),
+            ("with retrieval", f"rag+lora-{stage}", f"rag+lora-{parent}" if parent else "rag"),
+        ):
+            row = {
+                "stage": stage,
+                "parent": parent or "base",
+                "setting": setting,
+                "a": a,
+                "b": b,
+                "test_set": ", ".join(sorted(sets)) or None,
+                "metric": metric,
+            }
+            d = _diff(arms, a, b, sets, metric, n_resamples) if sets else None
+            if d is not None:
+                row.update(d)
+            elif not sets:
+                row["note"] = f"no held-out set of stage {stage} in eval.sets"
+            else:
+                row["note"] = f"{a} and {b} did not both answer {row['test_set']}"
+            out.append(row)
+    return out
+
+
+def forgetting_on_answers(
+    arms: dict,
+    stages: list[str],
+    parents: dict[str, str | None],
+    sets: list[TestSet],
+    stage_info: dict,
+    n_resamples: int,
+) -> dict:
+    """{general set: {"held_out_of", "after": {after stage: row}}}: token F1 of the closed-book arm after each stage
+    (base first), its paired change over the parent's arm, and the stage manifest's validation loss on that
+    stage's validation split with its change since the stage that trained on it (the loss-based figure)."""
+    out = {}
+    for ts in sets:
+        if ts.kind != "general":
+            continue
+        g = ts.held_out_of
+        rows = {}
+        for after in ["base", *stages]:
+            arm = "base" if after == "base" else f"lora-{after}"
+            stats = arms.get(arm, {}).get("by_test_set", {}).get(ts.name, {}).get(GAIN_METRIC)
+            if stats is None:
+                continue
+            row: dict = {"arm": arm, GAIN_METRIC: stats}
+            if after != "base":
+                parent = parents.get(after)
+                before = f"lora-{parent}" if parent else "base"
+                d = _diff(arms, arm, before, {ts.name}, GAIN_METRIC, n_resamples)
+                if d is not None:
+                    row["change"] = {"mean": d["diff"], "low": d["low"], "high": d["high"], "n": d["n"]}
+                    row["change_vs"] = before
+            loss = _manifest_loss(stage_info, after, g)
+            row.update(loss)
+            rows[after] = row
+        if rows:
+            out[ts.name] = {"held_out_of": g, "after": rows}
+    return out
+
+
+def _manifest_loss(stage_info: dict, after: str, g: str | None) -> dict:
+    """Validation loss on stage g's split after stage `after` (from `after`'s manifest metrics.forgetting), and
+    its relative change since g's own stage; {} when the manifests do not say."""
+    if g is None:
+        return {}
+    if after == "base":  # the loss before the first stage is the base model's
+        info = stage_info.get(g, {})
+        first = (info.get("forgetting") or {}).get(g) or {}
+        return {"val_loss": first.get("before_this_stage")} if not info.get("parents") else {}
+    f = ((stage_info.get(after, {}).get("forgetting")) or {}).get(g) or {}
+    if not f:
+        return {}
+    row = {"val_loss": f.get("after_this_stage")}
+    own, now = f.get("after_own_stage"), f.get("after_this_stage")
+    if isinstance(own, int | float) and isinstance(now, int | float) and own:
+        row["val_loss_change_pct"] = 100.0 * (now - own) / own
+    return row

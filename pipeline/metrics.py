@@ -1,4 +1,6 @@
-"""Offline evaluation metrics: answer overlap, groundedness, citations, refusals, retrieval, bootstrap CIs.
+"""Offline evaluation metrics: answer overlap, groundedness, citations, refusals, bootstrap CIs.
+
+Retrieval metrics (hit@k, reciprocal rank) live in `retriever.evaluate`, their one home.
 
 Everything here is a pure function of strings, vectors or numbers, so the harness (`pipeline.evaluate`)
 can score every arm on CPU without a paid LLM judge, and each metric can be tested against hand-computed
@@ -14,7 +16,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -26,20 +28,32 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "token_f1": "SQuAD token F1 between answer and reference after normalisation (lowercase, no punctuation, "
     "no articles).",
     "rouge_l": "ROUGE-L F-measure (longest common subsequence of tokens), no stemming, Unicode-aware tokens.",
-    "semantic_similarity": "Cosine similarity of the answer and reference sentence embeddings (all-MiniLM-L6-v2).",
+    "semantic_similarity": "Cosine similarity of the answer and reference sentence embeddings (the index's embedder).",
     "groundedness": "Share of answer sentences supported by the retrieved context (embedding similarity to a "
     "context sentence at or above the calibrated threshold, or content-word trigram overlap >= 0.5).",
-    "citation_precision": "Share of the chunks an answer cites with [n] markers that come from the gold FAQ entry "
-    "(answers without citations are excluded).",
+    "citation_precision": "Share of the passages an answer cites with [n] markers that are gold passages of the "
+    "question (answers without citations, and questions without a defined gold passage, are left out).",
     "has_citation": "Share of answers containing at least one [n] citation marker.",
     "refusal_rate": "Share of out-of-knowledge-base questions the bot refuses (says it cannot answer or offers a "
     "human). Higher is better.",
     "false_refusal_rate": "Share of answerable questions the bot refuses. Lower is better.",
-    "hit@1": "Share of questions whose gold FAQ entry is the top retrieved chunk.",
-    "hit@5": "Share of questions whose gold FAQ entry is among the top 5 retrieved chunks.",
-    "hit@10": "Share of questions whose gold FAQ entry is among the top 10 retrieved chunks.",
-    "mrr": "Mean reciprocal rank of the first chunk from the gold FAQ entry (0 when not retrieved).",
+    "mrr": "Mean reciprocal rank of the first gold passage among the retrieved passages (0 when none was retrieved; "
+    "questions without a defined gold passage are left out).",
 }
+_HIT_AT = re.compile(r"^hit@(\d+)$")
+
+
+def metric_definition(name: str) -> str | None:
+    """What a metric computes, for the report; hit@k is defined for whatever k was retrieved."""
+    if m := _HIT_AT.match(name):
+        k = int(m.group(1))
+        where = "the top retrieved passage" if k == 1 else f"the top {k} retrieved passages"
+        return (
+            f"Share of questions with a gold passage among {where} (questions without a defined gold passage are "
+            "left out)."
+        )
+    return METRIC_DEFINITIONS.get(name)
+
 
 # ---------------------------------------------------------------------------------------------- text overlap
 
@@ -140,7 +154,7 @@ def split_sentences(text: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- groundedness
 
-# Function words in English and Swedish (the FAQ ships both); trigrams of what is left carry the facts.
+# Function words in English and Swedish (the packaged demo ships both); trigrams of what is left carry the facts.
 _STOP_EN = """a an the and or but if then so of to in on at by for with from as is are was were be been being it its
 this that these those there here i you he she we they me him her us them my your our their his what which who whom
 whose when where why how all any both each few more most other some such no nor not only own same than too very can
@@ -287,21 +301,26 @@ def has_citation(answer: str) -> bool:
     return bool(_MARKER.search(answer or ""))
 
 
-def citation_precision(answer: str, cited_sources_by_number: dict[int, str], gold_source: str) -> float:
-    """Share of distinct cited numbers whose chunk comes from the gold entry; nan when nothing is cited.
+def citation_precision(
+    answer: str, cited_sources_by_number: dict[int, str], gold: str | Collection[str] | None
+) -> float:
+    """Share of distinct cited numbers whose passage is gold (one id or a set of ids); nan when nothing is cited
+    or when the question has no defined gold (then precision is unknown, not 0).
 
     A number that was not in the prompt (a hallucinated citation) counts as a wrong citation.
     """
+    targets = {gold} if isinstance(gold, str) else set(gold or ())
+    targets.discard("")
     cited = citation_markers(answer)
-    if not cited:
+    if not cited or not targets:
         return math.nan
-    return sum(cited_sources_by_number.get(n) == gold_source for n in cited) / len(cited)
+    return sum(cited_sources_by_number.get(n) in targets for n in cited) / len(cited)
 
 
 # -------------------------------------------------------------------------------------------------- refusals
 
 # High-precision phrases only: a real answer such as "you cannot build without a permit" must not match.
-# English first, then Swedish (data.faq_lang may be "sv").
+# English first, then Swedish; other languages: the project's own hand-over replies (is_refusal's `replies`).
 REFUSAL_PATTERNS: tuple[str, ...] = (
     r"\bi (?:do not|don'?t|really don'?t) know\b",
     r"\b(?:i|we)(?: cannot| can'?t| can not| am unable to|'m unable to| are unable to| am not able to|'m not able to)"
@@ -328,24 +347,21 @@ REFUSAL_PATTERNS: tuple[str, ...] = (
 _REFUSAL = re.compile("|".join(f"(?:{p})" for p in REFUSAL_PATTERNS), re.IGNORECASE)
 
 
-def is_refusal(answer: str) -> bool:
-    """Whether the answer declines ("I don't know", "not in the context") or hands over to a human colleague."""
-    text = " ".join(unicodedata.normalize("NFKC", answer or "").replace("\u2019", "'").split())
-    return bool(_REFUSAL.search(text))
+def is_refusal(answer: str, replies: Iterable[str] = ()) -> bool:
+    """Whether the answer declines ("I don't know", "not in the context") or hands over to a human colleague.
 
-
-# ------------------------------------------------------------------------------------------------- retrieval
-
-
-def retrieval_hits(ranked_sources: Sequence[str], gold: str, ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
-    """Per-question hit@k (1.0/0.0) and reciprocal rank of the first chunk from the gold entry.
-
-    Kept per question so the harness can bootstrap them; the mean of "mrr" over questions is the MRR.
+    `replies` are the project's own hand-over texts (project.no_answer_reply / handoff_reply, in any language):
+    an answer containing the first sentence of one counts as a refusal too.
     """
-    rank = next((i + 1 for i, s in enumerate(ranked_sources) if s == gold), None)
-    hits = {f"hit@{k}": float(rank is not None and rank <= k) for k in ks}
-    hits["mrr"] = 1.0 / rank if rank else 0.0
-    return hits
+    text = " ".join(unicodedata.normalize("NFKC", answer or "").replace("\u2019", "'").split())
+    if _REFUSAL.search(text):
+        return True
+    norm = normalize_text(text)
+    for reply in replies:
+        first = normalize_text((split_sentences(reply) or [""])[0])
+        if first and first in norm:
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------------- bootstrap

@@ -7,7 +7,9 @@ optional except `run` and `arms`; a stats dict is `{"mean", "low", "high", "n"}`
     {
       "run": {"name", "created", "git_commit", "model", "data_version", "config": {...resolved config...}},
       "bootstrap": {"n_resamples": 1000, "confidence": 0.95, "seed": 0},
-      "test_sets": {set_name: {"description": str, "n": int}},           # e.g. domain, subdomain, out_of_kb, general
+      "headline": {"kb_sets": [set], "out_of_kb_sets": [set]},          # what the headline row pools
+      "test_sets": {set_name: {"description": str, "kind": "kb"|"out_of_kb"|"general", "held_out_of": stage|None,
+                               "n": int}},
       "arms": {
         arm_name: {                                                     # base, rag, lora-<stage>, rag+lora-<stage>, oracle
           "description": str,
@@ -20,11 +22,15 @@ optional except `run` and `arms`; a stats dict is `{"mean", "low", "high", "n"}`
         },
         skipped_arm: {"skipped": "reason"},                             # listed, never charted
       },
-      "comparisons": [{"a": arm, "b": arm, "metric": str, "diff", "low", "high"}],   # paired bootstrap a - b
+      "comparisons": [{"a": arm, "b": arm, "metric": str, "diff", "low", "high", "n"}],   # paired bootstrap a - b
+      "stage_gains": [{"stage", "parent", "setting": "closed book"|"with retrieval", "a", "b", "test_set", "metric",
+                       "a_mean", "b_mean", "diff", "low", "high", "n"} | {..., "note": why not measured}],
       "stages": {stage: {"train_loss_curve": [[step, loss], ...], "val_loss", "trainable_params", "trainable_ratio",
                          "adapter_bytes", "train_seconds", "peak_memory_bytes"}},
-      "forgetting": {after_stage: {metric: stats}},                     # general held-out set; "base" = before
-      "retrieval": {setup_name: {"hit@1": stats, "hit@5": stats, "hit@10": stats, "mrr": stats}},
+      "forgetting": {general_set: {"held_out_of": stage|None, "after": {after_stage: {   # "base" = before any stage
+                        "token_f1": stats, "change": stats (paired, vs "change_vs" arm), "val_loss": float,
+                        "val_loss_change_pct": float}}}},                # val_loss: from the stage manifests
+      "retrieval": {setup_name: {"hit@1": stats, "hit@<k>": stats, "mrr": stats}},   # k = passages retrieved
       "groundedness_calibration": {...pipeline.metrics.calibrate_groundedness_threshold(...), "method": str},
       "notes": [str],
     }
@@ -47,7 +53,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.metrics import METRIC_DEFINITIONS
+from pipeline.metrics import metric_definition
 from retriever.files import atomic_write_text
 
 # Headline metric groups, one chart each; metrics outside every group are charted together as "Other".
@@ -209,9 +215,12 @@ def make_charts(results: dict) -> dict[str, str]:
         charts[title] = bars_with_ci(_transpose(tables, _metric_order(list(tables.values()))), title, "score")
     if stages := {s: i for s, i in results.get("stages", {}).items() if i.get("train_loss_curve")}:
         charts["Training loss by stage"] = loss_curves(stages)
-    if forgetting := results.get("forgetting"):
-        title = "Forgetting: general held-out set after each stage (95% CI)"
-        charts[title] = bars_with_ci(_transpose(forgetting, _metric_order(list(forgetting.values()))), title, "score")
+    if gains := _gain_series(results):
+        title = "What each stage buys: token F1 gain over its parent (paired, 95% CI)"
+        charts[title] = bars_with_ci(gains, title, "gain")
+    if forgetting := _forgetting_series(results):
+        title = "Forgetting: token F1 on general sets after each stage (95% CI)"
+        charts[title] = bars_with_ci(forgetting, title, "token F1")
     if latency := {a: x["latency_s"] for a, x in arms.items() if x.get("latency_s")}:
         charts["Latency by arm"] = bars_with_ci({"latency": latency}, "Mean latency per answer (95% CI)", "seconds")
     if retrieval := results.get("retrieval"):
@@ -229,8 +238,9 @@ def _methodology(results: dict) -> list[tuple]:
     """Metric definitions, groundedness method and calibration, bootstrap settings."""
     tables = [a.get("metrics", {}) for a in _live_arms(results).values()] + list(results.get("retrieval", {}).values())
     tables += [t for ts in _by_test_set(results).values() for t in ts.values()]
-    used = {m for t in tables for m in t}
-    blocks: list[tuple] = [("list", [f"**{m}**: {d}" for m, d in METRIC_DEFINITIONS.items() if m in used])]
+    used = _metric_order(tables)
+    defined = [(m, metric_definition(m)) for m in used]
+    blocks: list[tuple] = [("list", [f"**{m}**: {d}" for m, d in defined if d])]
     cal = results.get("groundedness_calibration") or {}
     if cal:
         text = (
@@ -238,8 +248,8 @@ def _methodology(results: dict) -> list[tuple]:
             f"embedding similarity to some context sentence is at least the threshold, or when at least "
             f"{cal.get('overlap', 0.5)} of its content-word {cal.get('ngram', 3)}-grams occur in the context. "
             f"The threshold **{_num(cal.get('threshold')):.3f}** was calibrated on {cal.get('n_supported')} supported "
-            f"pairs (an FAQ answer sentence vs its own entry) and {cal.get('n_unsupported')} unsupported pairs (vs a "
-            f"random other entry) by maximising balanced accuracy: {_num(cal.get('balanced_accuracy')):.3f} "
+            f"pairs (a knowledge-base sentence vs the rest of its own passage) and {cal.get('n_unsupported')} "
+            f"unsupported pairs (vs a random other passage) by maximising balanced accuracy: {_num(cal.get('balanced_accuracy')):.3f} "
             f"(TPR {_num(cal.get('true_positive_rate')):.3f}, TNR {_num(cal.get('true_negative_rate')):.3f}; mean "
             f"similarity {_num(cal.get('supported_score_mean')):.3f} supported vs "
             f"{_num(cal.get('unsupported_score_mean')):.3f} unsupported). On the same pairs the n-gram rule alone "
@@ -265,7 +275,15 @@ def build_sections(results: dict) -> list[tuple[str, list[tuple]]]:
     sections: list[tuple[str, list[tuple]]] = [("Run", [("list", header)])]
     headline = _table_rows({a: x.get("metrics", {}) for a, x in arms.items()})
     described = [f"**{a}**: {x['description']}" for a, x in arms.items() if x.get("description")]
-    sections.append(("Headline (95% CI)", [("table", *headline), *([("list", described)] if described else [])]))
+    pooled = results.get("headline") or {}
+    scope = []
+    if pooled:
+        kb, ookb = ", ".join(pooled.get("kb_sets") or []) or "none", ", ".join(pooled.get("out_of_kb_sets") or [])
+        scope = [
+            ("p", f"Pooled over the knowledge-base sets ({kb})" + (f"; refusal_rate over {ookb}." if ookb else "."))
+        ]
+    blocks = [*scope, ("table", *headline), *([("list", described)] if described else [])]
+    sections.append(("Headline (95% CI)", blocks))
     if skipped := _skipped_arms(results):
         sections.append(("Skipped arms", [("list", [f"**{a}**: {why}" for a, why in skipped.items()])]))
     for ts, tables in _by_test_set(results).items():
@@ -277,9 +295,10 @@ def build_sections(results: dict) -> list[tuple[str, list[tuple]]]:
     if stages := results.get("stages"):
         rows = [[s, *(_fmt_plain(i.get(k)) for k in STAGE_KEYS)] for s, i in stages.items()]
         sections.append(("Training stages", [("table", ["stage", *STAGE_KEYS], rows)]))
-    if forgetting := results.get("forgetting"):
-        rows = _table_rows(forgetting, first="after stage")
-        sections.append(("Forgetting: general held-out set after each stage", [("table", *rows)]))
+    if gains := results.get("stage_gains"):
+        sections.append(("What each stage buys (paired, 95% CI)", _gain_blocks(gains)))
+    for name, f in (results.get("forgetting") or {}).items():
+        sections.append((f"Forgetting on answers: {name}", _forgetting_blocks(name, f)))
     if retrieval := results.get("retrieval"):
         sections.append(("Retrieval", [("table", *_table_rows(retrieval, first="retriever"))]))
     if perf := {a: x for a, x in arms.items() if x.get("latency_s") or x.get("tokens_per_s")}:
@@ -300,6 +319,73 @@ def build_sections(results: dict) -> list[tuple[str, list[tuple]]]:
     config = json.dumps(_jsonable(run.get("config", {})), indent=2, sort_keys=True, ensure_ascii=False)
     sections.append(("Configuration", [("code", config)]))
     return sections
+
+
+def _gain_blocks(gains: list[dict]) -> list[tuple]:
+    header = ["stage", "over", "setting", "test set", "a", "b", "metric", "a mean", "b mean", "gain a - b", "n"]
+    rows = []
+    for g in gains:
+        if "diff" in g:
+            cells = [fmt_stats(g.get("a_mean")), fmt_stats(g.get("b_mean")), fmt_stats({**g, "mean": g.get("diff")})]
+            cells.append(str(g.get("n", "")))
+        else:
+            cells = ["n/a", "n/a", f"n/a ({g.get('note', 'not measured')})", ""]
+        rows.append(
+            [g["stage"], g["parent"], g["setting"], g.get("test_set") or "", g["a"], g["b"], g["metric"], *cells]
+        )
+    text = (
+        "Each stage against the model it was trained on top of (its parent; the first stage's is the base model), "
+        "on the stage's own held-out questions: closed book (lora-<stage> vs lora-<parent>, or base) and with "
+        "retrieval (rag+lora-<stage> vs rag+lora-<parent>, or rag). The interval is a paired bootstrap over the "
+        "same questions; one that includes 0 means the stage bought nothing measurable."
+    )
+    return [("p", text), ("table", header, rows)]
+
+
+def _forgetting_blocks(name: str, f: dict) -> list[tuple]:
+    g = f.get("held_out_of")
+    loss_of = f"validation loss on {g}" if g else "validation loss"
+    header = ["after stage", "arm", "token_f1", "change vs parent arm", loss_of, "loss change since own stage"]
+    rows = []
+    for after, r in (f.get("after") or {}).items():
+        change = fmt_stats(r.get("change")) + (f" (vs {r['change_vs']})" if r.get("change_vs") else "")
+        pct = _num(r.get("val_loss_change_pct"))
+        rows.append(
+            [
+                after,
+                r.get("arm", ""),
+                fmt_stats(r.get("token_f1")),
+                change if r.get("change") else "",
+                fmt_stats(r.get("val_loss")),
+                "n/a" if math.isnan(pct) else f"{pct:+.1f}%",
+            ]
+        )
+    text = (
+        f"Token F1 of the closed-book arm on the general set **{name}** after each stage, with the paired change "
+        "over the arm it was trained from, beside the loss-based figure of the stage manifests (validation loss "
+        "on that stage's validation split, and its relative change since the stage that trained on it)."
+    )
+    return [("p", text), ("table", header, rows)]
+
+
+def _gain_series(results: dict) -> dict[str, dict[str, dict]]:
+    """{setting: {stage: stats of the gain}} for the gains that were measured."""
+    out: dict[str, dict[str, dict]] = {}
+    for g in results.get("stage_gains") or []:
+        if "diff" in g:
+            stats = {"mean": g["diff"], "low": g.get("low"), "high": g.get("high")}
+            out.setdefault(g["setting"], {})[f"{g['stage']} vs {g['parent']}"] = stats
+    return out
+
+
+def _forgetting_series(results: dict) -> dict[str, dict[str, dict]]:
+    """{general set: {after stage: token F1 stats}}."""
+    out = {}
+    for name, f in (results.get("forgetting") or {}).items():
+        series = {a: r["token_f1"] for a, r in (f.get("after") or {}).items() if isinstance(r.get("token_f1"), dict)}
+        if series:
+            out[name] = series
+    return out
 
 
 def _fmt_plain(x) -> str:

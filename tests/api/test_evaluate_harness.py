@@ -1,120 +1,288 @@
-"""The evaluation harness end to end on the tiny model: every arm, the skip path, the report files."""
+"""The evaluation harness end to end on the tiny model, on a project whose stages are not general/domain/subdomain:
+arms and per-stage gains from the manifests' chain, set kinds, n/a without gold, hit@k at the k retrieved, --limit."""
 
 import json
+import math
 
 import pytest
-from helpers import FAQ_ROWS, make_service
+import yaml
+from helpers import FAQ_ROWS, make_service, make_stage_adapters
 
-from pipeline.config import load_config
-from pipeline.evaluate import load_test_sets, plan_arms, run_evaluation
+from pipeline.config import EvalSet, load_config
+from pipeline.evaluate import (
+    calibrate_groundedness,
+    load_test_set,
+    load_test_sets,
+    parse_row,
+    plan_arms,
+    run_evaluation,
+    score_records,
+)
+from pipeline.report import render_markdown
 from retriever.errors import RagloraError
+
+STAGES = ("basics", "heat-pumps")
+NO_GOLD = {
+    "id": "hp-nogold",
+    "question": "How often should a heat pump be serviced?",
+    "answer": "Yearly, by a certified technician who checks refrigerant pressure.",
+    "source": None,
+}
+
+
+def dump(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_data(root):
-    def dump(rel, rows):
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
     faq = [r for r in FAQ_ROWS if r["id"] != "inject-001"]
-    example = lambda r: {"id": r["id"], "faq_id": r["id"], "question": r["question"], "answer": r["answer"]}  # noqa: E731
-    dump("kb/faq.jsonl", FAQ_ROWS)
-    dump("domain/test.jsonl", [example(r) for r in faq[:3]])
-    dump("subdomain/test.jsonl", [example(r) for r in faq[3:]])
-    dump("eval/out_of_kb.jsonl", [{"id": "o-1", "question": "How do I reset my bank password?"}])
+    held_out = lambda r: {"id": r["id"], "question": r["question"], "answer": r["answer"], "source": None}  # noqa: E731
+    dump(root / "heat-pumps/test.jsonl", [NO_GOLD, *(held_out(r) for r in faq[:3])])
+    dump(root / "eval/out_of_kb.jsonl", [{"id": "o-1", "question": "How do I reset my bank password?"}])
     dump(
-        "general/test.jsonl",
-        [{"id": "g-1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}],
+        root / "basics/test.jsonl",
+        [
+            {"id": "g-1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            {
+                "id": "g-2",
+                "question": None,
+                "answer": None,
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello there"},
+                    {"role": "user", "content": "How are you?"},
+                    {"role": "assistant", "content": "I am fine, thanks"},
+                ],
+            },
+        ],
     )
+    dump(root.parent / "unanswered.jsonl", [{"id": "u-1", "question": "What is the capital of Peru?"}])
     return root
 
 
-@pytest.fixture
-def cfg(tmp_path, adapters_dir):
+def write_config(tmp_path, adapters_dir, **eval_extra):
     data = write_data(tmp_path / "data")
-    return load_config(
-        None,
-        [
-            f"paths.data_dir={data}",
-            f"paths.adapters_dir={adapters_dir}",
-            "eval.max_new_tokens=4",
-            "eval.bootstrap_resamples=50",
-            "eval.calibration_pairs=0",
-            "eval.speedup_questions=2",
-        ],
-    )
+    raw = {
+        "paths": {"data_dir": str(data), "adapters_dir": str(adapters_dir), "reports_dir": str(tmp_path / "reports")},
+        "data": {
+            "sources": [
+                {"name": "chat", "path": "packaged:chatterbot-corpus"},
+                {"name": "tickets", "path": "tickets.csv"},
+            ]
+        },
+        "finetune": {
+            "stages": [
+                {"name": "basics", "sources": ["chat"]},
+                {"name": "heat-pumps", "sources": ["tickets"]},
+            ]
+        },
+        "eval": {
+            "sets": {
+                "heat-pumps": "held_out:heat-pumps",
+                "basics": "held_out:basics",
+                "out_of_kb": "out_of_kb",
+                "unanswered": "unanswered.jsonl",
+            },
+            "max_new_tokens": 4,
+            "bootstrap_resamples": 50,
+            "calibration_pairs": 0,
+            "speedup_questions": 0,
+            **eval_extra,
+        },
+    }
+    path = tmp_path / "raglora.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
 
 
-def test_every_arm_answers_every_applicable_set_and_the_report_names_them(
-    tmp_path, cfg, settings, adapters_dir, index, monkeypatch
+@pytest.fixture(scope="module")
+def custom_adapters(tmp_path_factory):
+    """Stages named basics -> heat-pumps, with manifests carrying the loss-based forgetting figures."""
+    out = make_stage_adapters(tmp_path_factory.mktemp("custom-adapters"), stages=STAGES)
+    metrics = {
+        "basics": {"validation_loss": {"basics": 2.0}, "forgetting": {"basics": {"before_this_stage": 2.5}}},
+        "heat-pumps": {
+            "validation_loss": {"basics": 2.1, "heat-pumps": 1.5},
+            "forgetting": {
+                "basics": {"after_own_stage": 2.0, "after_this_stage": 2.1, "delta": 0.1},
+                "heat-pumps": {"before_this_stage": 1.9, "after_this_stage": 1.5},
+            },
+        },
+    }
+    metrics["basics"]["forgetting"]["basics"]["after_this_stage"] = 2.0
+    for stage, m in metrics.items():
+        path = out / stage / "manifest.json"
+        manifest = json.loads(path.read_text())
+        path.write_text(json.dumps({**manifest, "metrics": m}))
+    return out
+
+
+def test_any_stage_names_get_arms_gains_forgetting_and_honest_retrieval_metrics(
+    tmp_path, settings, custom_adapters, index, monkeypatch
 ):
     monkeypatch.setattr("retriever.embedder.load_embedder", lambda *a, **k: index.embedder)
-    service = make_service(settings, adapters_dir, index)
+    cfg = write_config(tmp_path, custom_adapters)
+    service = make_service(settings, custom_adapters, index)  # retrieves k=3 passages
     try:
-        out = run_evaluation(cfg, out_dir=tmp_path / "report", service=service)
+        out = run_evaluation(cfg, out_dir=tmp_path / "report", service=service, limit=3)
     finally:
         service.close()
     results = json.loads((out / "results.json").read_text())
-    expected = {"base", "rag", "oracle"} | {
-        f"{m}-{s}" for m in ("lora", "rag+lora") for s in ("general", "domain", "subdomain")
-    }
+    expected = {"base", "rag", "oracle"} | {f"{m}-{s}" for m in ("lora", "rag+lora") for s in STAGES}
     assert set(results["arms"]) == expected
-    rag = results["arms"]["rag+lora-subdomain"]
-    assert {a["test_set"] for a in rag["answers"]} == {"domain", "subdomain", "out_of_kb"}
-    assert {a["test_set"] for a in results["arms"]["lora-domain"]["answers"]} == {
-        "domain",
-        "subdomain",
-        "out_of_kb",
-        "general",
-    }
-    # citation_precision is nan (n=0) when the random model writes no [n] marker, so it is not listed here.
-    for metric in ("token_f1", "rouge_l", "semantic_similarity", "hit@5", "has_citation", "refusal_rate"):
-        stats = rag["metrics"][metric]
-        assert stats["n"] >= 1 and (stats["low"] is None or stats["low"] <= stats["mean"] <= stats["high"])
-    # The oracle arm always cites the gold entry: retrieval is perfect by construction.
-    assert results["arms"]["oracle"]["metrics"]["hit@1"]["mean"] == 1.0
-    assert set(results["forgetting"]) == {"base", "general", "domain", "subdomain"}
-    assert results["generation_speedup"]["identical_outputs"] is True
+    assert results["stage_order"] == list(STAGES)
+
+    # --limit caps every set; the unanswered file set is scored as out_of_kb; basics is a general set.
+    sets = results["test_sets"]
+    assert sets["heat-pumps"]["n"] == 3 and sets["heat-pumps"]["kind"] == "kb"
+    assert sets["unanswered"]["kind"] == "out_of_kb" and sets["basics"]["kind"] == "general"
+    unanswered = results["arms"]["rag"]["by_test_set"]["unanswered"]
+    assert "refusal_rate" in unanswered and "token_f1" not in unanswered
+    rag = results["arms"]["rag+lora-heat-pumps"]
+    assert {a["test_set"] for a in rag["answers"]} == {"heat-pumps", "out_of_kb", "unanswered"}
+    assert {a["test_set"] for a in results["arms"]["lora-basics"]["answers"]} == set(sets)
+
+    # hit@k at the k retrieved (3), never hit@5; the question without gold reads n/a (null), not 0.
+    assert {"hit@1", "hit@3", "mrr"} <= set(rag["metrics"]) and "hit@5" not in rag["metrics"]
+    nogold = next(a for a in rag["answers"] if a["id"] == "hp-nogold")
+    assert nogold["gold"] == []
+    assert all(nogold["scores"][m] is None for m in ("hit@1", "hit@3", "mrr", "citation_precision"))
+    assert rag["metrics"]["hit@3"]["n"] == 2  # the two FAQ questions with a gold passage
+    assert results["arms"]["oracle"]["metrics"]["hit@1"]["mean"] == 1.0  # gold passages as context
+    assert {a["id"] for a in results["arms"]["oracle"]["answers"]} == {"bygglov-001", "bygglov-002"}
+    assert list(results["retrieval"]) == ["hybrid, k=3"]
+
+    # What each stage buys: each stage over its parent on its own held-out set, closed book and with retrieval.
+    gains = {(g["stage"], g["setting"]): g for g in results["stage_gains"]}
+    assert set(gains) == {(s, t) for s in STAGES for t in ("closed book", "with retrieval")}
+    hp = gains[("heat-pumps", "closed book")]
+    assert (hp["a"], hp["b"], hp["parent"], hp["test_set"], hp["n"]) == (
+        "lora-heat-pumps",
+        "lora-basics",
+        "basics",
+        "heat-pumps",
+        3,
+    )
+    assert hp["low"] <= hp["diff"] <= hp["high"]
+    assert gains[("heat-pumps", "with retrieval")]["b"] == "rag+lora-basics"
+    assert gains[("basics", "closed book")]["b"] == "base" and "diff" in gains[("basics", "closed book")]
+    assert "note" in gains[("basics", "with retrieval")]  # retrieval arms do not answer general sets
+
+    # Forgetting on answers beside the manifests' loss figure.
+    f = results["forgetting"]["basics"]
+    assert f["held_out_of"] == "basics" and list(f["after"]) == ["base", "basics", "heat-pumps"]
+    assert f["after"]["heat-pumps"]["change_vs"] == "lora-basics"
+    assert f["after"]["heat-pumps"]["val_loss"] == 2.1
+    assert f["after"]["heat-pumps"]["val_loss_change_pct"] == pytest.approx(5.0)
+    assert f["after"]["base"]["val_loss"] == 2.5
+
+    md = (out / "report.md").read_text()
+    assert "Pooled over the knowledge-base sets (heat-pumps); refusal_rate over out_of_kb, unanswered." in md
+    assert "## What each stage buys" in md and "## Forgetting on answers: basics" in md and "+5.0%" in md
+    assert "**hit@3**: Share of questions with a gold passage among the top 3 retrieved passages" in md
     html = (out / "report.html").read_text()
     for arm in expected:
         assert arm in html
-    assert (out / "report.md").is_file()
+    assert "What each stage buys" in html
 
 
-def test_arms_needing_missing_artifacts_are_skipped_with_the_make_target():
-    arms, skipped = plan_arms(["base", "rag", "lora", "rag+lora", "oracle"], [], has_index=False, oracle_ok=True)
-    assert set(arms) == {"base", "oracle"}
-    assert skipped == {
-        "rag": "no index: run `make index`",
-        "lora": "no trained stage adapters: run `make finetune`",
-        "rag+lora": "no trained stage adapters: run `make finetune`",
+def test_no_gold_reads_na_not_zero():
+    records = [
+        {
+            "id": "q",
+            "reference": "Yes.",
+            "gold": [],
+            "answer": "Yes [1].",
+            "handoff": False,
+            "contexts": ["Yes."],
+            "citations": [{"n": 1, "chunk_id": "c1", "source": "s"}],
+        }
+    ]
+    score_records(records, "kb", rag=True, embed=None, threshold=0.6, ks=(1, 3))
+    s = records[0]["scores"]
+    assert all(math.isnan(s[m]) for m in ("hit@1", "hit@3", "mrr", "citation_precision"))
+    assert s["has_citation"] == 1.0
+    arm = {"metrics": __import__("pipeline.metrics").metrics.summarize(records, ["hit@3", "mrr"])}
+    md = render_markdown({"run": {"name": "x"}, "arms": {"rag": arm}})
+    row = next(line for line in md.splitlines() if line.startswith("| rag |"))
+    assert row.count("n/a") == 2 and "0.000" not in row
+    records[0]["gold"] = ["c1"]
+    score_records(records, "kb", rag=True, embed=None, threshold=0.6, ks=(1, 3))
+    assert records[0]["scores"]["hit@1"] == 1.0 and records[0]["scores"]["citation_precision"] == 1.0
+
+
+def test_limit_caps_every_set_and_file_sets_without_answers_are_out_of_kb(tmp_path):
+    cfg = write_config(tmp_path, tmp_path / "no-adapters", max_questions=50)
+    sets = {ts.name: ts for ts in load_test_sets(cfg, limit=1)}
+    assert {n: len(ts.rows) for n, ts in sets.items()} == {
+        "heat-pumps": 1,
+        "basics": 1,
+        "out_of_kb": 1,
+        "unanswered": 1,
     }
-    with pytest.raises(RagloraError, match="unknown arm 'rlhf'"):
-        plan_arms(["rlhf"], [], has_index=True, oracle_ok=True)
+    assert sets["unanswered"].kind == "out_of_kb" and sets["unanswered"].rows[0]["reference"] is None
+    assert sets["heat-pumps"].held_out_of == "heat-pumps" and sets["unanswered"].held_out_of is None
+    assert len({ts.name: ts for ts in load_test_sets(cfg)}["heat-pumps"].rows) == 4
 
 
-def test_rows_without_a_reference_are_skipped_and_empty_sets_are_errors(tmp_path):
-    data = write_data(tmp_path)
-    (data / "domain/test.jsonl").write_text(
-        '{"id": "x", "question": "q?"}\n{"id": "y", "question": "q2?", "answer": "a"}\n'
+def test_conversation_rows_are_asked_at_their_last_user_turn():
+    row = parse_row(
+        {
+            "id": "c",
+            "question": None,
+            "answer": None,
+            "messages": [
+                {"role": "system", "content": "be nice"},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "My heat pump beeps"},
+                {"role": "assistant", "content": "Check the filter."},
+            ],
+        }
     )
-    sets, notes = load_test_sets(data, {"domain": 10})
-    assert [q["id"] for q in sets["domain"]] == ["y"] and "row x has no question or reference" in notes[0]
-    (data / "subdomain/test.jsonl").write_text("")
-    with pytest.raises(RagloraError, match="test set 'subdomain' is empty"):
-        load_test_sets(data, {})
+    assert row["question"] == "My heat pump beeps" and row["reference"] == "Check the filter."
+    assert row["history"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert parse_row({"question": "Why?"})["id"].startswith("q-")  # stable content hash without an id
 
 
-def test_groundedness_calibration_labels_pairs_from_the_knowledge_base():
+def test_arms_needing_missing_artifacts_are_skipped_with_the_command():
+    arms, skipped = plan_arms(["base", "rag", "lora", "rag+lora", "oracle"], [], has_index=False)
+    assert set(arms) == {"base"}
+    assert skipped == {
+        "rag": "no index: run `raglora index`",
+        "lora": "no trained stage adapters: run `raglora finetune`",
+        "rag+lora": "no trained stage adapters: run `raglora finetune`",
+        "oracle": "needs the index (the gold passages come from it): run `raglora index`",
+    }
+    arms, _ = plan_arms(["rag+lora", "oracle"], ["basics", "heat-pumps"], has_index=True)
+    assert (
+        list(arms) == ["rag+lora-basics", "rag+lora-heat-pumps", "oracle"] and arms["oracle"]["stage"] == "heat-pumps"
+    )
+    with pytest.raises(RagloraError, match="unknown arm 'rlhf'"):
+        plan_arms(["rlhf"], [], has_index=True)
+
+
+def test_rows_without_a_reference_are_skipped_and_missing_or_empty_sets_are_errors(tmp_path):
+    path = tmp_path / "kb-set.jsonl"
+    path.write_text('{"id": "x", "question": "q?"}\n{"id": "y", "question": "q2?", "answer": "a"}\n')
+    ts = load_test_set(EvalSet(name="kb-set", path=str(path), kind="kb", limit=10))
+    assert [q["id"] for q in ts.rows] == ["y"] and "without an answer skipped" in ts.notes[0]
+    path.write_text("")
+    with pytest.raises(RagloraError, match=r"eval set 'kb-set': .*kb-set.jsonl has no questions: run `raglora data`"):
+        load_test_set(EvalSet(name="kb-set", path=str(path), kind="kb", limit=10))
+    with pytest.raises(RagloraError, match=r"eval set 'gone': .*gone.jsonl is missing: run `raglora data`"):
+        load_test_set(EvalSet(name="gone", path=str(tmp_path / "gone.jsonl"), kind="kb", limit=10))
+
+
+def test_groundedness_calibration_labels_pairs_from_knowledge_base_passages():
     from fake_embedder import FakeEmbedder
 
-    from pipeline.evaluate import calibrate_groundedness
-
-    rows = [
-        {"answer": f"Topic {w} is about {w} things. Every {w} needs a {w} permit. Ask the {w} office."}
+    texts = [
+        f"Topic {w} is about {w} things. Every {w} needs a {w} permit. Ask the {w} office."
         for w in ("roof", "deck", "garage", "sauna", "fence")
     ]
     embedder = FakeEmbedder()
-    result = calibrate_groundedness(rows, lambda t: embedder.encode(list(t)), n_pairs=5)
+    result = calibrate_groundedness(texts, lambda t: embedder.encode(list(t)), n_pairs=5)
     assert result["n_supported"] == 5 and result["n_unsupported"] == 5
     assert 0.0 <= result["threshold"] <= 1.0 and "balanced accuracy" in result["method"]

@@ -13,8 +13,8 @@ from pipeline.metrics import (
     has_citation,
     is_refusal,
     ngram_support,
-    retrieval_hits,
 )
+from retriever.evaluate import hit_ks, retrieval_hits, retrieval_metrics
 
 CONTEXT = ["A deck under 1.8 metres above ground normally does not require a permit. Roofs change that."]
 
@@ -172,3 +172,34 @@ def test_retrieval_hits_hand_computed():
     assert retrieval_hits(["gold"], "gold", ks=(1,)) == {"hit@1": 1.0, "mrr": 1.0}
     assert retrieval_hits(["a"] * 7, "gold", ks=(5,)) == {"hit@5": 0.0, "mrr": 0.0}
     assert retrieval_hits([], "gold") == {"hit@1": 0.0, "hit@5": 0.0, "hit@10": 0.0, "mrr": 0.0}
+
+
+def test_retrieval_hits_count_any_gold_passage_and_read_nan_without_gold():
+    ranked = ["a", "doc-2", "doc-1"]
+    assert retrieval_hits(ranked, ["doc-1", "doc-2"], ks=(1, 3)) == {"hit@1": 0.0, "hit@3": 1.0, "mrr": 0.5}
+    for gold in ([], None, ""):
+        assert all(math.isnan(v) for v in retrieval_hits(ranked, gold, ks=(1, 3)).values())
+    # Aggregates leave questions without gold out instead of counting them as misses.
+    m = retrieval_metrics([["g"], ["x"]], ["g", []], ks=(1,))
+    assert m == {"n": 1, "hit@1": 1.0, "mrr": 1.0}
+
+
+@pytest.mark.parametrize(("k", "ks"), [(1, (1,)), (3, (1, 3)), (5, (1, 5))])
+def test_hit_ks_follow_the_number_of_passages_retrieved(k, ks):
+    assert hit_ks(k) == ks
+
+
+def test_citation_precision_against_a_set_of_gold_passages_and_without_gold():
+    by_number = {1: "c1", 2: "c2", 3: "c9"}
+    assert citation_precision("See [1] and [3].", by_number, ["c1", "c2"]) == 0.5
+    assert citation_precision("See [1][2].", by_number, {"c1", "c2"}) == 1.0
+    assert math.isnan(citation_precision("See [1].", by_number, []))
+    assert math.isnan(citation_precision("See [1].", by_number, None))
+
+
+def test_the_projects_own_handover_reply_counts_as_a_refusal_in_any_language():
+    reply = "Det vet jag tyvärr inte. Vill du prata med en kollega?"
+    german = "Das weiß ich leider nicht. Soll ich Sie mit einem Kollegen verbinden?"
+    assert not is_refusal(german)
+    assert is_refusal("Das weiß ich LEIDER nicht! Soll ich...", [german])
+    assert is_refusal(reply, [reply]) and not is_refusal("Das Dach braucht eine Genehmigung.", [german])

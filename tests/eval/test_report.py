@@ -66,8 +66,57 @@ def make_results():
             "general": {"train_loss_curve": [[1, 2.0], [2, 1.5]], "val_loss": 1.6, "trainable_params": 1_000_000},
             "domain": {"train_loss_curve": [[1, 1.8], [2, 1.2]], "val_loss": 1.3, "adapter_bytes": 4096},
         },
-        "forgetting": {"base": {"token_f1": stats(0.4)}, "general": {"token_f1": stats(0.45)}},
-        "retrieval": {"hybrid": {"hit@1": stats(0.6), "hit@5": stats(0.9), "mrr": stats(0.7)}},
+        "stage_gains": [
+            {
+                "stage": "domain",
+                "parent": "general",
+                "setting": "closed book",
+                "a": "lora-domain",
+                "b": "lora-general",
+                "test_set": "domain",
+                "metric": "token_f1",
+                "a_mean": 0.4,
+                "b_mean": 0.3,
+                "diff": 0.1,
+                "low": 0.01,
+                "high": 0.2,
+                "n": 3,
+            },
+            {
+                "stage": "general",
+                "parent": "base",
+                "setting": "with retrieval",
+                "a": "rag+lora-general",
+                "b": "rag",
+                "test_set": "general",
+                "metric": "token_f1",
+                "note": "rag+lora-general and rag did not both answer general",
+            },
+        ],
+        "forgetting": {
+            "chit-chat": {
+                "held_out_of": "general",
+                "after": {
+                    "base": {"arm": "base", "token_f1": stats(0.4), "val_loss": 2.5},
+                    "general": {
+                        "arm": "lora-general",
+                        "token_f1": stats(0.45),
+                        "change": stats(0.05),
+                        "change_vs": "base",
+                        "val_loss": 2.0,
+                    },
+                    "domain": {
+                        "arm": "lora-domain",
+                        "token_f1": stats(0.35),
+                        "change": stats(-0.1),
+                        "change_vs": "lora-general",
+                        "val_loss": 2.03,
+                        "val_loss_change_pct": 1.5,
+                    },
+                },
+            }
+        },
+        "retrieval": {"hybrid, k=3": {"hit@1": stats(0.6), "hit@3": stats(0.9), "mrr": stats(0.7)}},
         "groundedness_calibration": {
             "threshold": 0.55,
             "balanced_accuracy": 0.9,
@@ -110,7 +159,16 @@ def test_html_names_every_arm_and_embeds_one_image_per_chart(results, written):
     for arm in results["arms"]:
         assert arm in page
     charts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page)
-    prefixes = ["Answer quality", "Grounding", "Other", "Test set out_of_kb", "Training loss", "Forgetting", "Latency"]
+    prefixes = [
+        "Answer quality",
+        "Grounding",
+        "Other",
+        "Test set out_of_kb",
+        "Training loss",
+        "What each stage buys",
+        "Forgetting",
+        "Latency",
+    ]
     assert len(charts) == len(prefixes) + 1
     assert all(c.startswith(p) for c, p in zip(charts, [*prefixes, "Retrieval"], strict=True))
     assert page.count("<img") == len(charts)
@@ -195,3 +253,26 @@ def test_rewriting_a_report_replaces_files_in_place(results, tmp_path):
 )
 def test_fmt_stats(value, text):
     assert fmt_stats(value) == text
+
+
+def test_stage_gains_and_forgetting_on_answers_sit_beside_the_loss_figure(results):
+    md = render_markdown(results)
+    gains = md.split("## What each stage buys (paired, 95% CI)")[1].split("\n## ")[0]
+    assert (
+        "| domain | general | closed book | domain | lora-domain | lora-general | token_f1 | 0.400 | 0.300 |" in gains
+    )
+    assert "0.100 [0.010, 0.200] | 3 |" in gains
+    assert "n/a (rag+lora-general and rag did not both answer general)" in gains
+    forgetting = md.split("## Forgetting on answers: chit-chat")[1].split("\n## ")[0]
+    assert "validation loss on general" in forgetting
+    assert (
+        "| domain | lora-domain | 0.350 [0.250, 0.450] | -0.100 [-0.200, 0.000] (vs lora-general) | 2.030 | +1.5% |"
+        in (forgetting)
+    )
+    assert "| base | base | 0.400 [0.300, 0.500] |  | 2.500 | n/a |" in forgetting
+
+
+def test_hit_at_k_is_defined_for_the_k_retrieved(results):
+    md = render_markdown(results)
+    assert "**hit@3**: Share of questions with a gold passage among the top 3 retrieved passages" in md
+    assert "hit@5" not in md
