@@ -48,7 +48,10 @@ def workspace_config(src: Path, ws: Path, *, cache_dir: str, steps: int, eval_qu
     for stage in raw["finetune"].get("stages") or []:
         stage["max_steps"] = steps
     ev = raw.setdefault("eval", {})
-    ev["max_questions"] = {s: eval_questions for s in ("domain", "subdomain", "out_of_kb", "general")}
+    ev["max_questions"] = eval_questions
+    for spec in (ev.get("sets") or {}).values():
+        if isinstance(spec, dict):
+            spec["limit"] = min(spec.get("limit") or eval_questions, eval_questions)
     ev["max_new_tokens"] = eval_tokens
     ev["speedup_questions"] = min(ev.get("speedup_questions", 8), eval_questions)
     ev["bootstrap_resamples"] = 200

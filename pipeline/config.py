@@ -305,6 +305,7 @@ class EvalSet(BaseModel):
     path: str
     kind: Literal["kb", "out_of_kb", "general"]
     limit: int
+    stage: str | None = None  # the stage a held_out:<stage> set is held out of
 
 
 def resolve_eval_sets(cfg: Config, limit: int | None = None) -> list[EvalSet]:
@@ -321,9 +322,10 @@ def resolve_eval_sets(cfg: Config, limit: int | None = None) -> list[EvalSet]:
     sources = {s.name: s.path for s in cfg.data.sources}
     out = []
     for name, spec in specs.items():
+        stage_name = None
         if spec.from_.startswith("held_out:"):
             stage = stages[spec.from_.split(":", 1)[1]]
-            path = data / stage.name / "test.jsonl"
+            stage_name, path = stage.name, data / stage.name / "test.jsonl"
             general = bool(stage.sources) and all(sources.get(s) in GENERAL_SOURCES for s in stage.sources)
             kind = spec.kind or ("general" if general else "kb")
         elif spec.from_ == "out_of_kb":
@@ -334,5 +336,5 @@ def resolve_eval_sets(cfg: Config, limit: int | None = None) -> list[EvalSet]:
         if limit is not None:
             n = min(n, limit)
         if n > 0:
-            out.append(EvalSet(name=name, path=str(path), kind=kind, limit=n))
+            out.append(EvalSet(name=name, path=str(path), kind=kind, limit=n, stage=stage_name))
     return out

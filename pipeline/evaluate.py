@@ -142,24 +142,12 @@ def load_test_set(spec: EvalSet, *, held_out_of: str | None = None) -> TestSet:
     return TestSet(spec.name, kind, str(path), rows[: spec.limit], held_out_of, notes)
 
 
-def _held_out_stages(cfg) -> dict[str, str]:
-    """{set name: stage} for the sets that are a stage's held-out split (`from: held_out:<stage>`)."""
-    if cfg.eval.sets:
-        return {
-            name: spec.from_.split(":", 1)[1]
-            for name, spec in cfg.eval.sets.items()
-            if spec.from_.startswith("held_out:")
-        }
-    return {s.name: s.name for s in cfg.finetune.stages if s.kind == "chat"}  # resolve_eval_sets' default
-
-
 def load_test_sets(cfg, limit: int | None = None) -> list[TestSet]:
     """Every set of `eval.sets`, each capped at its limit (and at `limit`, the CLI's --limit)."""
-    stage_of = _held_out_stages(cfg)
     specs = resolve_eval_sets(cfg, limit)
     if not specs:
         raise RagloraError("no evaluation sets: add eval.sets to the config (or finetune.stages, then `raglora data`)")
-    return [load_test_set(s, held_out_of=getattr(s, "stage", None) or stage_of.get(s.name)) for s in specs]
+    return [load_test_set(s, held_out_of=s.stage) for s in specs]
 
 
 def assign_gold(sets: list[TestSet], index) -> None:
