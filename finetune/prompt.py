@@ -21,6 +21,9 @@ CONTEXT_BEGIN = "<<<CONTEXT"
 CONTEXT_END = "CONTEXT>>>"
 QUESTION_PREFIX = "Question: "
 
+#: The company name a prompt uses when the project names none (`project.name`).
+DEFAULT_COMPANY = "our company"
+
 #: What the model is trained to say (raft_no_gold_target="refusal") when the context lacks the answer.
 REFUSAL_ANSWER = (
     "I'm sorry, I don't have that information in the material available to me. "
@@ -28,8 +31,14 @@ REFUSAL_ANSWER = (
 )
 
 
-def load_system_prompt(path: str | Path | None, with_context: bool) -> str:
-    """The system prompt text: `path` when given, else the packaged default for the mode."""
+def load_system_prompt(
+    path: str | Path | None, with_context: bool, *, name: str = DEFAULT_COMPANY, description: str = ""
+) -> str:
+    """The system prompt text: `path` when given, else the packaged default for the mode.
+
+    `{name}` and `{description}` in the text become the company's name and `describe_company(description)`
+    (the packaged templates use both; a custom file may). Other braces are left as they are.
+    """
     p = Path(path) if path else (DEFAULT_RAG_SYSTEM_PROMPT_FILE if with_context else DEFAULT_SYSTEM_PROMPT_FILE)
     if not p.is_file():
         raise RagloraError(f"system prompt file not found: {p}")
@@ -39,7 +48,27 @@ def load_system_prompt(path: str | Path | None, with_context: bool) -> str:
         raise RagloraError(f"system prompt file {p}: not UTF-8 text") from None
     if not text:
         raise RagloraError(f"system prompt file {p} is empty")
-    return text
+    name = " ".join(str(name or DEFAULT_COMPANY).split())
+    return text.replace("{name}", name).replace("{description}", describe_company(description))
+
+
+def describe_company(description: str | None) -> str:
+    """The `{description}` text that follows the company name in "... assistant of {name}{description}. ...".
+
+    "" -> "" ("... of Acme."); "installs heat pumps" -> ", which installs heat pumps"; "a heating firm in Malmö"
+    -> ", a heating firm in Malmö"; "We install heat pumps." -> ". We install heat pumps" (a sentence of its own).
+    """
+    text = " ".join(str(description or "").split()).rstrip(" .")
+    if not text:
+        return ""
+    first = text.split()[0]
+    if first.lower() in ("a", "an", "the"):
+        return f", {first.lower()}{text[len(first) :]}"
+    if first.lower() in ("which", "who", "that"):
+        return f", {text}"
+    if first[0].islower():
+        return f", which {text}"
+    return f". {text}"
 
 
 def _defuse(text: str) -> str:

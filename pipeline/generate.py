@@ -21,6 +21,7 @@ import contextlib
 import copy
 import logging
 import queue
+import re
 import threading
 import time
 import uuid
@@ -36,7 +37,6 @@ from retriever.errors import RagloraError
 
 log = logging.getLogger("raglora.generate")
 
-STAGE_ORDER = ("general", "domain", "subdomain")
 MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
@@ -50,14 +50,24 @@ class StageInfo:
     parents: tuple[str, ...]
     method: str = "lora"
     dora: bool = False
+    # continue_previous_adapter: this adapter started from that stage's weights (it already holds them), so it
+    # comes after that stage although it is not one of its parents.
+    initialized_from: str | None = None
 
     @property
     def chain(self) -> tuple[str, ...]:
+        """The adapters that are active together for this stage: its parents, then itself."""
         return (*self.parents, self.name)
+
+    @property
+    def after(self) -> tuple[str, ...]:
+        """The stages this one was trained after (parents and the stage it was initialized from)."""
+        return (*self.parents, self.initialized_from) if self.initialized_from else self.parents
 
 
 def discover_stages(adapters_dir: str | Path | None) -> list[StageInfo]:
-    """Trained stage adapters under `<adapters_dir>/<stage>/` (PEFT folder + manifest.json), ordered."""
+    """Trained stage adapters under `<adapters_dir>/<stage>/` (PEFT folder + manifest.json), in `order_stages`
+    order: the names and the order come from the manifests' parent chains, never from a list in the code."""
     if adapters_dir is None or not Path(adapters_dir).is_dir():
         return []
     found: dict[str, StageInfo] = {}
@@ -75,6 +85,7 @@ def discover_stages(adapters_dir: str | Path | None) -> list[StageInfo]:
             tuple(data.get("parents") or ()),
             str(data.get("method", "lora")),
             bool((data.get("lora") or {}).get("use_dora", False)),
+            data.get("initialized_from") if isinstance(data.get("initialized_from"), str) else None,
         )
     for info in found.values():
         missing = [p for p in info.parents if p not in found]
@@ -83,8 +94,37 @@ def discover_stages(adapters_dir: str | Path | None) -> list[StageInfo]:
                 f"stage adapter {info.name} was trained on top of {', '.join(missing)}, which is not under "
                 f"{adapters_dir}: train it first (raglora finetune --stages {','.join(missing)})"
             )
-    order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    return sorted(found.values(), key=lambda s: (len(s.parents), order.get(s.name, len(order)), s.name))
+    return order_stages(list(found.values()))
+
+
+def order_stages(stages: list[StageInfo]) -> list[StageInfo]:
+    """Every stage after its parents; among stages whose parents are all placed, by name.
+
+    `general -> domain -> subdomain` stays in that order whatever the names ("basics" -> "heat-pumps" ->
+    "heat-pumps.boilers"); sibling branches are interleaved by name. A cycle is a clear error.
+    """
+    by_name = {s.name: s for s in stages}
+    placed: list[StageInfo] = []
+    done: set[str] = set()
+    pending = sorted(by_name)
+    while pending:
+        ready = [n for n in pending if all(p in done or p not in by_name for p in by_name[n].after)]
+        if not ready:
+            raise RagloraError(f"stage adapters {', '.join(pending)} name each other as parents (a cycle)")
+        placed.append(by_name[ready[0]])
+        done.add(ready[0])
+        pending.remove(ready[0])
+    return placed
+
+
+def deepest_stage(stages: list[StageInfo]) -> str | None:
+    """The end of the longest chain of stages trained one after another (ties: the first by name); None when
+    nothing is trained."""
+    by_name = {s.name: s for s in stages}
+    depth: dict[str, int] = {}
+    for info in order_stages(stages):  # parents first, so their depth is known
+        depth[info.name] = 1 + max((depth.get(p, 0) for p in info.after if p in by_name), default=0)
+    return min(depth, key=lambda name: (-depth[name], name)) if depth else None
 
 
 class StageModels:
@@ -106,7 +146,8 @@ class StageModels:
             raise RagloraError(f"adapter strategy must be 'stack' or 'merged', got {strategy!r}")
         self.tokenizer = tokenizer
         self.strategy = strategy
-        self.stages: dict[str, StageInfo] = {s.name: s for s in (stages or discover_stages(adapters_dir))}
+        found = order_stages(stages) if stages else discover_stages(adapters_dir)
+        self.stages: dict[str, StageInfo] = {s.name: s for s in found}
         self.adapter_loads = 0
         self.switches = 0
         self._active: tuple[str, ...] | None = None
@@ -138,9 +179,11 @@ class StageModels:
         for info in self.stages.values():
             try:
                 if peft_model is None:
-                    peft_model = PeftModel.from_pretrained(model, str(info.path), adapter_name=info.name)
+                    peft_model = PeftModel.from_pretrained(
+                        model, str(info.path), adapter_name=self.adapter_name(info.name)
+                    )
                 else:
-                    peft_model.load_adapter(str(info.path), adapter_name=info.name)
+                    peft_model.load_adapter(str(info.path), adapter_name=self.adapter_name(info.name))
             except (OSError, ValueError, RuntimeError, KeyError) as exc:
                 raise RagloraError(f"cannot load stage adapter {info.path}: {exc}") from None
             self.adapter_loads += 1
@@ -162,13 +205,19 @@ class StageModels:
 
     # Use ----------------------------------------------------------------------------------------------------
 
+    def adapter_name(self, stage: str) -> str:
+        """The PEFT adapter name of a stage: PEFT refuses '.' in names ("heat-pumps.boilers"), so it is
+        numbered by the stage's position and keeps only word characters and '-'."""
+        return f"s{list(self.stages).index(stage)}_{re.sub(r'[^0-9A-Za-z_-]', '_', stage)}"
+
     @property
     def stage_names(self) -> list[str]:
         return list(self.stages)
 
     @property
     def deepest_stage(self) -> str | None:
-        return self.stage_names[-1] if self.stages else None
+        """The end of the longest parent chain: the default stage when `serve.default_stage` is None."""
+        return deepest_stage(list(self.stages.values()))
 
     @property
     def context_window(self) -> int:
@@ -200,7 +249,7 @@ class StageModels:
             return
         chain = self.stages[stage].chain
         if self._active != chain:
-            self.peft.base_model.set_adapter(list(chain), inference_mode=True)
+            self.peft.base_model.set_adapter([self.adapter_name(s) for s in chain], inference_mode=True)
             self._active = chain
             self.switches += 1
         yield self.peft
@@ -564,6 +613,8 @@ __all__ = [
     "SamplingParams",
     "StageInfo",
     "StageModels",
+    "deepest_stage",
     "discover_stages",
+    "order_stages",
     "eos_token_ids",
 ]

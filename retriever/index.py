@@ -29,7 +29,7 @@ from retriever.documents import load_documents
 from retriever.embedder import Embedder, normalise
 from retriever.errors import RagloraError
 from retriever.files import file_sha256
-from retriever.search import Hit, build_bm25
+from retriever.search import DEFAULT_LANGUAGE, DEFAULTS, Hit, build_bm25, language_warning, normalise_language
 from retriever.search import search as run_search
 
 FORMAT = "raglora-index"
@@ -80,6 +80,11 @@ class Index:
     def __len__(self) -> int:
         return len(self.chunks)
 
+    @property
+    def language(self) -> str:
+        """ISO 639-1 code of the documents (BM25 stemming and stop words); "en" for indexes built before it."""
+        return normalise_language(self.manifest.get("language"))
+
     def __repr__(self) -> str:
         return f"Index({str(self.path)!r}, {len(self.chunks)} chunks, {self.manifest.get('index_type')})"
 
@@ -87,13 +92,13 @@ class Index:
         self,
         query: str,
         *,
-        k: int,
-        mode: str = "hybrid",
+        k: int = DEFAULTS.k,
+        mode: str = DEFAULTS.mode,
         filters: dict | None = None,
-        rrf_k: int = 60,
-        dense_weight: float = 1.0,
-        bm25_weight: float = 1.0,
-        candidates: int = 50,
+        rrf_k: int = DEFAULTS.rrf_k,
+        dense_weight: float = DEFAULTS.dense_weight,
+        bm25_weight: float = DEFAULTS.bm25_weight,
+        candidates: int = DEFAULTS.candidates,
     ) -> list[Hit]:
         """Top-k chunks for `query`; see retriever.search.search."""
         return run_search(
@@ -125,9 +130,15 @@ def build_index(
     ivf_nlist: int = 256,
     hnsw_m: int = 32,
     show_progress: bool = True,
+    language: str = DEFAULT_LANGUAGE,
 ) -> BuildReport:
-    """Index `doc_paths` into `out_dir`, reusing vectors of unchanged chunks from a compatible existing index."""
+    """Index `doc_paths` into `out_dir`, reusing vectors of unchanged chunks from a compatible existing index.
+
+    `language` (ISO 639-1, the `index.language` config) is recorded in the manifest; the loaded index analyses
+    documents and queries for BM25 in it. A language without a stemmer is indexed unstemmed, with a warning.
+    """
     started = time.perf_counter()
+    language = normalise_language(language)
     if index_type not in INDEX_TYPES:
         raise RagloraError(f"unknown index_type {index_type!r} (use one of: {', '.join(INDEX_TYPES)})")
     for name, value in (("batch_size", batch_size), ("ivf_nlist", ivf_nlist), ("hnsw_m", hnsw_m)):
@@ -147,6 +158,8 @@ def build_index(
         _recover(out_dir)
         _check_replaceable(out_dir)
         docs, warnings = load_documents(doc_paths, faq_include_question=faq_include_question)
+        if language_warning(language):
+            warnings.append(language_warning(language))
         chunks = chunk_documents(docs, chunk_size=chunk_size, chunk_overlap=chunk_overlap)
         settings = {
             "chunk_size": chunk_size,
@@ -181,14 +194,16 @@ def build_index(
         if note:
             warnings.append(note)
         same_index = {"index_type_requested": index_type, "ivf_nlist": ivf_nlist, "hnsw_m": hnsw_m}
+        same_language = old is not None and normalise_language(old.manifest.get("language")) == language
         unchanged = (
-            old is not None
+            same_language
             and all(old.manifest.get(key) == value for key, value in same_index.items())
             and [c.to_dict() for c in old.chunks] == [c.to_dict() for c in chunks]
         )
         if not unchanged:  # an unchanged corpus leaves the folder untouched (stable manifest digest)
             faiss_index = make_faiss_index(vectors, built_type, ivf_nlist=ivf_nlist, hnsw_m=hnsw_m)
             manifest = _manifest(docs, chunks, embedder, settings, index_type, built_type, ivf_nlist, hnsw_m)
+            manifest["language"] = language
             _write_atomically(out_dir, manifest, chunks, vectors, faiss_index)
 
     return BuildReport(
@@ -498,7 +513,8 @@ def _load_index(index_dir: str | Path, embedder: Embedder | None, *, with_bm25: 
             f"expected {n} of dimension {dim}"
         )
     _tune_search(faiss_index)
-    bm25 = build_bm25([c.text for c in chunks]) if chunks and with_bm25 else None
+    language = normalise_language(manifest.get("language"))
+    bm25 = build_bm25([c.text for c in chunks], language) if chunks and with_bm25 else None
     return Index(path, manifest, chunks, vectors, faiss_index, bm25, embedder)
 
 

@@ -9,6 +9,8 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
+from retriever.search import DEFAULTS
+
 
 class RagloraRetriever(BaseRetriever):
     """Wraps `Index.search`; each hit becomes a LangChain Document whose metadata carries the citation."""
@@ -16,13 +18,14 @@ class RagloraRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     index: Any
-    k: int = 5
-    mode: str = "hybrid"
+    # Defaults: the `retrieval` config section's (retriever.config.RetrievalConfig), the one source of them.
+    k: int = DEFAULTS.k
+    mode: str = DEFAULTS.mode
     filters: dict | None = None
-    rrf_k: int = 60
-    dense_weight: float = 1.0
-    bm25_weight: float = 1.0
-    candidates: int = 50
+    rrf_k: int = DEFAULTS.rrf_k
+    dense_weight: float = DEFAULTS.dense_weight
+    bm25_weight: float = DEFAULTS.bm25_weight
+    candidates: int = DEFAULTS.candidates
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[LCDocument]:
         hits = self.index.search(

@@ -7,14 +7,77 @@ rank far below k in the unfiltered search.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from retriever.chunking import Chunk
+from retriever.config import RetrievalConfig
 from retriever.errors import RagloraError
 
+log = logging.getLogger("raglora.search")
+
 MODES = ("dense", "bm25", "hybrid")
+#: The one source of the retrieval defaults (the `retrieval` config section); library calls use these too.
+DEFAULTS = RetrievalConfig()
+DEFAULT_LANGUAGE = "en"
+#: ISO 639-1 code -> Snowball stemmer name (PyStemmer). A code not here gets no stemming, with a warning.
+SNOWBALL = {
+    "ar": "arabic",
+    "ca": "catalan",
+    "cs": "czech",
+    "da": "danish",
+    "de": "german",
+    "el": "greek",
+    "en": "english",
+    "eo": "esperanto",
+    "es": "spanish",
+    "et": "estonian",
+    "eu": "basque",
+    "fa": "persian",
+    "fi": "finnish",
+    "fr": "french",
+    "ga": "irish",
+    "hi": "hindi",
+    "hu": "hungarian",
+    "hy": "armenian",
+    "id": "indonesian",
+    "it": "italian",
+    "lt": "lithuanian",
+    "nb": "norwegian",
+    "ne": "nepali",
+    "nl": "dutch",
+    "nn": "norwegian",
+    "no": "norwegian",
+    "pl": "polish",
+    "pt": "portuguese",
+    "ro": "romanian",
+    "ru": "russian",
+    "sr": "serbian",
+    "st": "sesotho",
+    "sv": "swedish",
+    "ta": "tamil",
+    "tr": "turkish",
+    "yi": "yiddish",
+}
+#: ISO 639-1 codes with a bm25s stop-word list (the bm25s name); other languages keep every word.
+STOPWORDS = {
+    "da": "danish",
+    "de": "german",
+    "en": "english",
+    "es": "spanish",
+    "fr": "french",
+    "it": "italian",
+    "nb": "norwegian",
+    "nl": "dutch",
+    "nn": "norwegian",
+    "no": "norwegian",
+    "pt": "portuguese",
+    "ru": "russian",
+    "sv": "swedish",
+    "tr": "turkish",
+}
 CHUNK_FIELDS = ("source", "title", "chunk_id")  # filterable besides metadata keys
 
 
@@ -85,35 +148,66 @@ def filter_mask(chunks: list[Chunk], filters: dict | None) -> np.ndarray | None:
     return mask
 
 
+def normalise_language(language: str | None) -> str:
+    """ "sv", "SV", "sv-SE" -> "sv"; None, "" or a non-string (an index built before languages) -> "en"."""
+    if not isinstance(language, str):
+        return DEFAULT_LANGUAGE
+    code = language.strip().lower().replace("_", "-").split("-")[0]
+    return code or DEFAULT_LANGUAGE
+
+
 @functools.cache
-def _stemmer():
-    """Snowball English stemmer: questions say "insulate", answers "insulation"; exact words rarely meet."""
+def _stemmer(language: str):
+    """Snowball stemmer for the language (questions say "insulate", answers "insulation"; exact words rarely
+    meet), or None, with one warning, when PyStemmer has none for it: BM25 then matches exact words only."""
     import Stemmer
 
-    return Stemmer.Stemmer("english")
+    name = SNOWBALL.get(language)
+    if name is None or name not in Stemmer.algorithms():
+        log.warning(language_warning(language))
+        return None
+    return Stemmer.Stemmer(name)
 
 
-def tokenize(texts: list[str]) -> list[list[str]]:
-    """bm25s's regex tokenizer, lower-cased, English stopwords removed, Snowball-stemmed."""
+def language_warning(language: str) -> str:
+    """The warning for a language without a stemmer ("" when it has one)."""
+    if SNOWBALL.get(normalise_language(language)):
+        return ""
+    return (
+        f"index language {language!r} has no BM25 stemmer: keyword search matches exact words only "
+        f"(stemmed languages: {', '.join(sorted(SNOWBALL))})"
+    )
+
+
+def tokenize(texts: list[str], language: str = DEFAULT_LANGUAGE) -> list[list[str]]:
+    """bm25s's regex tokenizer, lower-cased, the language's stop words removed, Snowball-stemmed in it."""
     import bm25s
 
-    return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False)
+    code = normalise_language(language)
+    return bm25s.tokenize(
+        texts,
+        lower=True,
+        stopwords=STOPWORDS.get(code),
+        stemmer=_stemmer(code),
+        return_ids=False,
+        show_progress=False,
+    )
 
 
-def build_bm25(texts: list[str]):
+def build_bm25(texts: list[str], language: str = DEFAULT_LANGUAGE):
     import bm25s
 
     bm25 = bm25s.BM25()
-    tokens = tokenize(texts)
+    tokens = tokenize(texts, language)
     if not any(tokens):  # bm25s cannot index a vocabulary-free corpus
         return None
     bm25.index(tokens, show_progress=False)
     return bm25
 
 
-def bm25_scores(bm25, query: str, n: int) -> np.ndarray:
+def bm25_scores(bm25, query: str, n: int, language: str = DEFAULT_LANGUAGE) -> np.ndarray:
     """BM25 score of every chunk for `query` (zeros when no query term is in the vocabulary)."""
-    tokens = tokenize([query])[0]
+    tokens = tokenize([query], language)[0]
     if bm25 is None or not tokens:
         return np.zeros(n, dtype=np.float32)
     return np.asarray(bm25.get_scores(tokens), dtype=np.float32)
@@ -146,15 +240,19 @@ def search(
     index,
     query: str,
     *,
-    k: int,
-    mode: str = "hybrid",
+    k: int = DEFAULTS.k,
+    mode: str = DEFAULTS.mode,
     filters: dict | None = None,
-    rrf_k: int = 60,
-    dense_weight: float = 1.0,
-    bm25_weight: float = 1.0,
-    candidates: int = 50,
+    rrf_k: int = DEFAULTS.rrf_k,
+    dense_weight: float = DEFAULTS.dense_weight,
+    bm25_weight: float = DEFAULTS.bm25_weight,
+    candidates: int = DEFAULTS.candidates,
 ) -> list[Hit]:
-    """Search an Index (see retriever.index). Each retriever contributes max(candidates, k) ids to the fusion."""
+    """Search an Index (see retriever.index). Each retriever contributes max(candidates, k) ids to the fusion.
+
+    Defaults are the `retrieval` config section's (retriever.config.RetrievalConfig); BM25 analyses the query in
+    the index's language (`index.language`, from its manifest).
+    """
     if not isinstance(query, str) or not query.strip():
         raise RagloraError("empty query: pass a question to search for")
     if k <= 0:
@@ -176,7 +274,7 @@ def search(
         qvec = index.embedder.encode([query], batch_size=1)[0].astype(np.float32)
         dense_rank = dense_ranking(index, qvec, depth, mask)
     if mode != "dense":
-        bm25 = bm25_scores(index.bm25, query, n)
+        bm25 = bm25_scores(index.bm25, query, n, getattr(index, "language", DEFAULT_LANGUAGE))
         bm25_rank = top_ids(bm25, depth, mask, positive_only=True)
 
     if mode == "dense":

@@ -14,13 +14,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from pipeline.answer import AnswerService, build_service, serve_config
+from pipeline.answer import AnswerService
 from pipeline.api.errors import install_error_handlers
 from pipeline.api.logs import configure_logging
 from pipeline.api.metrics import ApiMetrics
 from pipeline.api.routers import chat, conversations, models, ops, web
 from pipeline.api.security import BodySizeLimit, KeyRing, RateLimiter
 from pipeline.api.settings import ServeConfig, is_loopback
+from pipeline.service import build_service, serve_config
 from retriever.errors import RagloraError
 
 log = logging.getLogger("raglora.api")

@@ -6,7 +6,7 @@ import ipaddress
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Mode = Literal["base", "rag", "lora", "rag+lora"]
 MODES: tuple[str, ...] = ("base", "rag", "lora", "rag+lora")

@@ -107,7 +107,7 @@ def serve_settings(tmp_dir: Path, **overrides) -> ServeConfig:
 
 
 def make_service(
-    settings: ServeConfig, adapters_dir: Path | None, index=None, *, strategy: str = "stack"
+    settings: ServeConfig, adapters_dir: Path | None, index=None, *, strategy: str = "stack", **service_options
 ) -> AnswerService:
     tok = make_tiny_tokenizer()
     model = make_tiny_model(tok)
@@ -128,6 +128,7 @@ def make_service(
         default_stage=settings.default_stage,
         max_new_tokens_default=settings.max_new_tokens_default,
         versions={"test": True},
+        **service_options,
     )
 
 

@@ -32,7 +32,7 @@ def test_rag_prompt_uses_shared_builder_numbered_context(service):
     system = load_system_prompt(None, True)
     assert prep.messages[0] == {"role": "system", "content": system}
     assert "[1] (" in prep.messages[-1]["content"] and "[2] (" in prep.messages[-1]["content"]
-    hits = [h.to_dict() for h in service.index.search(prep.retrieval_query, k=len(prep.citations))]
+    hits = [h.to_dict() for h in service.index.search(prep.retrieval_query, k=len(prep.citations), mode="hybrid")]
     assert prep.messages == build_messages(prep.question, contexts=hits, history=[], system_prompt=system)
 
 
@@ -101,7 +101,6 @@ def test_follow_up_retrieval_uses_the_condensed_query(service):
         "Can I speak to someone please?",
         "agent",
         "Connect me with a real person",
-        "Jag vill prata med en människa",
     ],
 )
 def test_explicit_handoff_requests(text):
@@ -109,10 +108,57 @@ def test_explicit_handoff_requests(text):
 
 
 @pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("Jag vill prata med en människa", "sv"),
+        ("Kan jag tala med kundtjänst?", "sv"),
+        ("Ich möchte mit einem Menschen sprechen", "de"),
+        ("Je veux parler à un humain", "fr"),
+        ("Quiero hablar con una persona", "es"),
+        ("I want to talk to a human", "sv"),  # English always counts too
+    ],
+)
+def test_handoff_requests_in_the_configured_language(text, language):
+    assert wants_human(text, language)
+
+
+def test_handoff_patterns_are_per_language():
+    assert not wants_human("Jag vill prata med en människa", "en")
+    assert not wants_human("Jag vill prata med en människa", "de")
+    assert not wants_human("Vad kostar bygglovet?", "sv")
+
+
+def test_follow_up_words_follow_the_language():
+    history = [{"role": "user", "content": "Behöver jag bygglov för ett garage på tomten?"}]
+    question = "Vad kostar det ungefär för ett stort garage?"  # long, but "det" leans on the previous turn
+    assert condense_query(question, history, "sv").startswith("Behöver jag")
+    assert condense_query(question, history, "en") == question
+
+
+@pytest.mark.parametrize(
     "text", ["Do I need a permit for a deck?", "How long does it take?", "What does the agency charge?"]
 )
 def test_ordinary_questions_are_not_handoffs(text):
     assert not wants_human(text)
+
+
+def test_configured_handoff_and_no_answer_replies(settings, adapters_dir, index):
+    from helpers import make_service
+
+    svc = make_service(
+        settings,
+        adapters_dir,
+        index,
+        handoff_reply="A person from Acme Heating will take over.",
+        no_answer_reply="Acme Heating's documents do not cover that.",
+    )
+    try:
+        asked = svc.answer("I want to talk to a human", [], mode="rag")
+        assert asked.text == "A person from Acme Heating will take over." and asked.handoff
+        missed = svc.answer("xyzzy quux", [], mode="rag")
+        assert missed.text == "Acme Heating's documents do not cover that." and missed.handoff
+    finally:
+        svc.close()
 
 
 def test_handoff_on_request_writes_ticket(service):
@@ -196,6 +242,19 @@ def test_chat_repl_streams_and_switches_mode(service):
     assert "bot> " in text and "sources: [1]" in text and "bygglov-001" in text
 
 
+def test_chat_help_names_the_trained_stages(service):
+    import io
+
+    from pipeline.chat import chat_repl
+
+    lines = iter(["/help", "/stage nonsense", "/quit"])
+    out = io.StringIO()
+    chat_repl(service=service, input_fn=lambda _prompt: next(lines), out=out)
+    text = out.getvalue()
+    assert "/stage general|domain|subdomain" in text
+    assert "available stages: general, domain, subdomain" in text
+
+
 def test_build_service_from_root_config(tmp_path, adapters_dir):
     from tiny_model import make_tiny_model, make_tiny_tokenizer
 
@@ -214,3 +273,76 @@ def test_build_service_from_root_config(tmp_path, adapters_dir):
         assert svc.answer("hello", [], mode="lora").completion_tokens > 0
     finally:
         svc.close()
+
+
+def _root_config(tmp_path, adapters_dir, **sections):
+    from pipeline.config import Config
+
+    paths = {"adapters_dir": str(adapters_dir), "index_dir": str(tmp_path / "no-index")}
+    return Config.model_validate({"paths": paths, **sections})
+
+
+def _tiny():
+    from tiny_model import make_tiny_model, make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    return make_tiny_model(tok), tok
+
+
+def test_build_service_takes_persona_replies_and_language_from_the_project(tmp_path, adapters_dir):
+    from pipeline.api.settings import ServeConfig
+    from pipeline.service import build_service
+
+    project = {
+        "name": "Acme Heating",
+        "description": "installs heat pumps and boilers",
+        "handoff_reply": "Hold on, a person from Acme takes over.",
+        "no_answer_reply": "Acme's manuals do not say.",
+    }
+    cfg = _root_config(tmp_path, adapters_dir, project=project, index={"language": "sv"})
+    svc = build_service(cfg, serve=ServeConfig(db_path=str(tmp_path / "c.db")), model_and_tokenizer=_tiny())
+    try:
+        for prompt in (svc.system_prompt, svc.rag_system_prompt):
+            assert "Acme Heating, which installs heat pumps and boilers." in prompt
+            assert "{name}" not in prompt and "Swedish construction" not in prompt
+        assert svc.handoff_reply == project["handoff_reply"] and svc.no_answer_reply == project["no_answer_reply"]
+        assert svc.language == "sv"
+        ans = svc.answer("Jag vill prata med en människa", [], mode="lora")  # Swedish hand-off rules are on
+        assert ans.text == project["handoff_reply"] and ans.handoff["reason"] == "user asked for a person"
+        prep = svc.prepare("hello", [], mode="lora")
+        assert prep.messages[0]["content"] == svc.system_prompt
+    finally:
+        svc.close()
+
+
+def test_configured_default_stage_that_is_not_trained_fails_at_startup(tmp_path, adapters_dir):
+    from pipeline.api.settings import ServeConfig
+    from pipeline.service import build_service
+
+    cfg = _root_config(tmp_path, adapters_dir)
+    serve = ServeConfig(db_path=str(tmp_path / "c.db"), default_stage="boilers")
+    with pytest.raises(RagloraError, match=r"serve.default_stage 'boilers' is not a trained stage.*general"):
+        build_service(cfg, serve=serve, model_and_tokenizer=_tiny())
+
+
+@pytest.mark.parametrize(
+    ("description", "expected"),
+    [
+        ("", "You are the customer service assistant of Acme Heating. "),
+        ("installs heat pumps and boilers", "of Acme Heating, which installs heat pumps and boilers. "),
+        ("A heating firm in Malmö.", "of Acme Heating, a heating firm in Malmö. "),
+        ("We install heat pumps.", "of Acme Heating. We install heat pumps. "),
+    ],
+)
+def test_persona_fills_the_packaged_templates(description, expected):
+    for with_context in (False, True):
+        prompt = load_system_prompt(None, with_context, name="Acme Heating", description=description)
+        assert expected in prompt and "{" not in prompt
+
+
+def test_custom_prompt_file_placeholders_and_other_braces(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text('Speak for {name}{description}. Reply as JSON {"answer": ...} {unknown}', encoding="utf-8")
+    text = load_system_prompt(path, True, name="Acme", description="sells boilers")
+    assert text == 'Speak for Acme, which sells boilers. Reply as JSON {"answer": ...} {unknown}'
+    assert load_system_prompt(None, False).startswith("You are the customer service assistant of our company.")

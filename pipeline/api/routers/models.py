@@ -10,7 +10,7 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401, 429, 503))
 async def list_models(principal: PrincipalDep, service: ServiceDep) -> dict:
-    """One model name per available mode/stage, e.g. raglora-rag, raglora-rag+lora-subdomain."""
+    """One model name per available mode/stage, e.g. raglora-rag, raglora-rag+lora-<stage> for every trained stage."""
     return {
         "object": "list",
         "data": [
