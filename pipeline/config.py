@@ -46,8 +46,8 @@ class ProjectConfig(BaseModel):
     description: str = ""  # one line on what the company does, e.g. "installs heat pumps and boilers"
     # Said when the documents do not cover the question (serving's hand-off and refusal training targets).
     no_answer_reply: str = Field(
-        "I'm sorry, I don't have that information in the material available to me. "
-        "Would you like me to connect you with one of my human colleagues?",
+        "I'm sorry, I can't find that in our documentation, so I'm handing you over to a colleague in our "
+        "customer-service team who can help. They will see this conversation.",
         min_length=1,
     )
     # Said when the customer asks for a person.

@@ -193,7 +193,7 @@ TEMPLATE = """\
 project:
   name: {name}
   description: {description}        # one line on what the company does; fills the persona prompt
-  no_answer_reply: "I'm sorry, I don't have that information in the material available to me. Would you like me to connect you with one of my human colleagues?"
+  no_answer_reply: "I'm sorry, I can't find that in our documentation, so I'm handing you over to a colleague in our customer-service team who can help. They will see this conversation."
   handoff_reply: "I'll hand you over to a colleague in our customer-service team; they will pick up this conversation shortly and can see everything we have discussed."
 
 paths:
