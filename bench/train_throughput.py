@@ -26,6 +26,7 @@ from bench.common import (
     DEFAULT_BASE,
     DEFAULT_CACHE,
     DEFAULT_INDEX,
+    REPO,
     md_table,
     ratio,
     report_peak_rss,
@@ -53,15 +54,15 @@ def _prepare(args):
     """
     import torch
 
-    from finetune.config import FinetuneConfig
     from finetune.model import load_base
     from finetune.prompt import load_system_prompt
     from finetune.stages import _open_index, _val_examples, stage_examples, stage_rows
+    from pipeline.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_base(args.base, cache_dir=args.cache_dir, device="cpu", dtype="float32")
-    cfg = FinetuneConfig()
+    cfg = load_config(REPO / "configs" / "default.yaml").finetune  # the packaged demo's stages
     i, stage = next((i, s) for i, s in enumerate(cfg.stages) if s.name == "domain")
     prompts = {
         "plain": load_system_prompt(None, with_context=False),

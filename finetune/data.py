@@ -5,7 +5,9 @@ Formats, detected per line:
   * OpenAI  `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`
   * ShareGPT `{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}`
   * Alpaca  `{"instruction": ..., "input": ..., "output": ...}`
-FAQ rows may also carry `faq_id`/`id`, `question`, `answer`, `category` (used for RAFT).
+  * text    `{"id", "text", "source", "title"}`: a document chunk for a `kind: text` stage (continued
+    pre-training, loss on every token, no chat template)
+Q/A rows may also carry `faq_id`/`id`, `question`, `answer`, `category` and `source` (used for RAFT).
 """
 
 from __future__ import annotations
@@ -52,13 +54,15 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def detect_format(row: dict) -> str:
-    """'messages', 'sharegpt' or 'alpaca'; '' when the row matches none."""
+    """'messages', 'sharegpt', 'alpaca' or 'text'; '' when the row matches none."""
     if "messages" in row:
         return "messages"
     if "conversations" in row:
         return "sharegpt"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if "text" in row:
+        return "text"
     return ""
 
 
@@ -119,29 +123,47 @@ def to_messages(row: dict, where: str = "row") -> list[dict]:
     return msgs
 
 
-def load_examples(path: str | Path, *, stage: str) -> list[dict]:
-    """Examples {"id", "stage", "messages", "faq_id", "question", "answer", "category"} of one JSONL file."""
+def load_examples(path: str | Path, *, stage: str, allow_empty: bool = False) -> list[dict]:
+    """Examples of one JSONL file.
+
+    Chat rows become {"id", "stage", "messages", "faq_id", "question", "answer", "category", "source"}; document
+    rows (`{"text", ...}`, for text stages) become {"id", "stage", "text", "source", "title"}.
+    """
     rows = read_jsonl(path)
-    if not rows:
+    if not rows and not allow_empty:
         raise RagloraError(f"dataset {path} has no examples (stage {stage})")
     out = []
     for lineno, row in rows:
         where = f"{path}:{lineno}"
+        row_id = str(row.get("id", f"{Path(path).name}:{lineno}"))
+        if detect_format(row) == "text":
+            text = _text(row["text"], f"{where}: text")
+            if not text.strip():
+                raise RagloraError(f"{where}: empty 'text'")
+            source, title = row.get("source"), row.get("title")
+            out.append({"id": row_id, "stage": stage, "text": text, "source": source, "title": title})
+            continue
         msgs = to_messages(row, where)
         convo = [m for m in msgs if m["role"] != "system"]
         single_turn = len(convo) == 2 and convo[0]["role"] == "user" and convo[1]["role"] == "assistant"
         out.append(
             {
-                "id": str(row.get("id", f"{Path(path).name}:{lineno}")),
+                "id": row_id,
                 "stage": stage,
                 "messages": msgs,
                 "faq_id": row.get("faq_id"),
                 "category": row.get("category"),
+                "source": row.get("source"),
                 "question": row.get("question") or (convo[0]["content"] if single_turn else None),
                 "answer": row.get("answer") or (convo[1]["content"] if single_turn else None),
             }
         )
     return out
+
+
+def is_text_example(example: dict) -> bool:
+    """A document chunk (text stage) rather than a conversation."""
+    return "messages" not in example and isinstance(example.get("text"), str)
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -212,6 +234,25 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
     if all(label == IGNORE_INDEX for label in labels[1:]):
         return None
     return {"input_ids": ids, "labels": labels, "length": len(ids)}
+
+
+def tokenize_text(tokenizer, text: str, max_length: int) -> list[dict]:
+    """Plain text (no chat template) as windows of <= max_length tokens with a label on every token.
+
+    The text ends with the end-of-sequence token. A text longer than max_length is split into windows that
+    overlap by one token, so every token except the very first is a target once (the first token of a row
+    is never predicted); nothing is dropped. Windows of fewer than two tokens train nothing and are skipped.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = [*ids, tokenizer.eos_token_id]
+    stride = max(1, max_length - 1)
+    windows = []
+    for start in range(0, max(1, len(ids) - 1), stride):
+        piece = ids[start : start + max_length]
+        if len(piece) >= 2:
+            windows.append({"input_ids": piece, "labels": list(piece), "length": len(piece)})
+    return windows
 
 
 # ---------------------------------------------------------------------------------------------- mixing

@@ -41,11 +41,13 @@ def merge_stages(
 ) -> Path:
     """Write base + the stage chain ending at `stages[-1]` merged, loadable by AutoModelForCausalLM.
 
-    `stages` may be the full chain (e.g. general,domain,subdomain) or just its last stage; listing a stage that
+    `stages` may be the full chain (names from finetune.stages, in order) or just its last stage; listing a stage that
     the last one was not trained on top of is an error. Merging happens in fp32; `dtype` is the saved dtype.
     """
     if not stages:
-        raise RagloraError("merge: no stages given (e.g. --stages general,domain,subdomain)")
+        raise RagloraError(
+            "merge: no stages given: pass --stages with the trained stage(s) to merge (names in finetune.stages)"
+        )
     chain = stage_chain(adapters_dir, stages[-1])
     stray = [s for s in stages if s not in _lineage(adapters_dir, chain)]
     if stray:

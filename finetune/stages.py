@@ -1,27 +1,44 @@
-"""Sequential stages: general -> domain -> subdomain (or whatever finetune.stages lists).
+"""Sequential stages, in the order `finetune.stages` lists them (any number, any names).
 
 Stage N starts from the base with the earlier stages merged in full precision (`parents` in its manifest)
-and trains a fresh adapter, or with `continue_previous_adapter` keeps training stage N-1's adapter. Every
-stage folder `<adapters_dir>/<stage>/` is written atomically (temp folder + rename) and holds the PEFT
-adapter, `manifest.json`, `resolved_config.json` and `train_log.jsonl`. A stage whose manifest has the same
-config hash is skipped unless `force`.
+and trains a fresh adapter, or with `continue_previous_adapter` keeps training stage N-1's adapter. A `chat`
+stage trains on conversations (loss on assistant turns, RAFT contexts when configured); a `text` stage is
+continued pre-training on document chunks (loss on every token). Every stage folder `<adapters_dir>/<stage>/`
+is written atomically (temp folder + rename) and holds the PEFT adapter, `manifest.json`,
+`resolved_config.json` and `train_log.jsonl`. A stage whose manifest has the same config hash is skipped
+unless `force`.
+
+One stage, `_run_stage`, in order: resolve its parent chain, read its rows, hash the configuration (skip if
+already trained), build the tokenized examples, load the model, train, measure validation loss/forgetting,
+save atomically.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from finetune.config import FinetuneConfig, ModelConfig, StageConfig, resolve_lora
-from finetune.data import load_examples, sample_replay, tokenize_conversation, with_system
+from finetune.config import FinetuneConfig, LoraSettings, ModelConfig, StageConfig, resolve_lora
+from finetune.data import (
+    is_text_example,
+    load_examples,
+    read_jsonl,
+    sample_replay,
+    tokenize_conversation,
+    tokenize_text,
+    with_system,
+)
 from finetune.model import (
     ADAPTER_FILES,
     MANIFEST,
@@ -36,7 +53,7 @@ from finetune.model import (
     resolve_dtype,
     stage_dir,
 )
-from finetune.prompt import load_system_prompt
+from finetune.prompt import REFUSAL_ANSWER, load_system_prompt
 from finetune.train import (
     CausalLMLoss,
     evaluate_loss,
@@ -50,6 +67,10 @@ from retriever.files import file_sha256
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ".checkpoints"
+NO_STAGES = "no stages in finetune.stages: add at least one (see raglora init)"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
 
 
 def _say(accelerator, msg: str) -> None:
@@ -76,16 +97,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _chain_manifest(adapters_dir: Path, stage: StageConfig, needed_by: str) -> dict:
-    m = _read_json(stage_dir(adapters_dir, stage.name) / MANIFEST)
-    if m is None:
-        raise RagloraError(
-            f"stage {needed_by} builds on stage {stage.name}, which has not been trained "
-            f"(no {stage_dir(adapters_dir, stage.name) / MANIFEST}); run it first, e.g. --stages {stage.name},{needed_by}"
-        )
-    return m
-
-
 def _open_index(index_dir: str | Path | None, stage: StageConfig):
     from retriever.embedder import load_embedder
     from retriever.index import load_index
@@ -108,22 +119,79 @@ def _index_digest(index, index_dir) -> str | None:
     return _digest(manifest) if manifest is not None else type(index).__name__
 
 
-def _tokenize_all(tok, examples: list[dict], system_prompt: str, max_length: int) -> tuple[list[dict], dict]:
-    out, truncated, dropped = [], 0, 0
-    for ex in examples:
-        msgs = ex["messages"] if "raft" in ex else with_system(ex["messages"], system_prompt)
-        full = tokenize_conversation(tok, msgs, None)
-        t = tokenize_conversation(tok, msgs, max_length) if full and full["length"] > max_length else full
-        if t is None:
-            dropped += 1
+def system_prompts(model_cfg: ModelConfig, *, company_name: str, company_description: str) -> dict[str, str]:
+    """{"plain", "rag"}: the system prompts training renders, with the company's name and description filled in."""
+    kw: dict[str, str] = {}
+    params = inspect.signature(load_system_prompt).parameters
+    if "name" in params:
+        kw["name"] = company_name
+    if "description" in params:
+        kw["description"] = company_description
+    return {
+        "plain": load_system_prompt(model_cfg.system_prompt_file, with_context=False, **kw),
+        "rag": load_system_prompt(model_cfg.rag_system_prompt_file, with_context=True, **kw),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- run context
+
+
+@dataclass
+class RunContext:
+    """What every stage of one `run_finetune` call shares."""
+
+    cfg: FinetuneConfig
+    model_cfg: ModelConfig
+    tok: Any
+    prompts: dict[str, str]
+    base_path: str
+    data_dir: Path
+    adapters_dir: Path
+    cache_dir: str | Path
+    index_dir: str | Path | None
+    accelerator: Any
+    index: Any = None
+    resume: bool = False
+    force: bool = False
+    max_steps: int | None = None
+    no_answer_reply: str = REFUSAL_ANSWER
+    train_cache: dict = field(default_factory=dict)
+    val_cache: dict = field(default_factory=dict)
+    _gold: tuple | None = None  # (GoldFinder, held-out gold chunk ids), built once per run
+
+    def raft_index(self, stage: StageConfig):
+        if self.index is None:
+            self.index = _open_index(self.index_dir, stage)
+        return self.index
+
+    def held_out_gold(self) -> tuple[Any, set[str]]:
+        """(GoldFinder over the index, ids of every chunk that is gold for a held-out row of any chat stage)."""
+        if self._gold is None:
+            from finetune.raft import held_out_gold_chunks
+            from retriever.gold import GoldFinder
+
+            finder = GoldFinder(getattr(self.index, "chunks", None) or [])
+            self._gold = (finder, held_out_gold_chunks(finder, held_out_rows(self.cfg, self.data_dir)))
+        return self._gold
+
+
+def held_out_rows(cfg: FinetuneConfig, data_dir: Path) -> list[dict]:
+    """The validation and test rows of every chat stage (`<data_dir>/<stage>/{validation,test}.jsonl` and the
+    stage's validation_file), each file once."""
+    paths: dict[Path, None] = {}
+    for s in cfg.stages:
+        if s.kind != "chat":
             continue
-        truncated += int(full["length"] > max_length)
-        out.append({**t, "id": ex["id"], "stage": ex["stage"]})
-    return out, {"truncated": truncated, "dropped": dropped}
+        candidates = [Path(data_dir) / s.name / "validation.jsonl", Path(data_dir) / s.name / "test.jsonl"]
+        if s.validation_file:
+            candidates.append(_data_path(data_dir, s.validation_file))
+        for p in candidates:
+            if p.is_file():
+                paths[p.resolve()] = None
+    return [row for p in paths for _, row in read_jsonl(p)]
 
 
-def _dir_bytes(path: Path, names: tuple[str, ...] | None = None) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and (names is None or p.name in names))
+# ---------------------------------------------------------------------------------------------- entry point
 
 
 def run_finetune(
@@ -138,16 +206,25 @@ def run_finetune(
     resume: bool = False,
     force: bool = False,
     index=None,
+    max_steps: int | None = None,
+    company_name: str = "our company",
+    company_description: str = "",
+    no_answer_reply: str = REFUSAL_ANSWER,
 ) -> list[dict]:
     """Train the selected stages (default: all, in config order); returns one summary per selected stage.
 
-    `index` (optional) is an already-loaded retriever index (anything with `search(query, *, k, mode)`);
-    otherwise it is loaded from `index_dir` when a selected stage has `raft: true`.
+    `index` (optional) is an already-loaded retriever index (anything with `search(query, *, k, mode)` and
+    `chunks`); otherwise it is loaded from `index_dir` when a selected stage has `raft: true`. `max_steps`
+    caps every stage's optimizer steps (smoke runs; part of the config hash). `company_name` and
+    `company_description` fill the system prompts; `no_answer_reply` is the RAFT refusal target.
     """
     from accelerate import Accelerator
 
-    names = [s.name for s in cfg.stages]
-    selected = list(stages) if stages else names
+    if not cfg.stages:
+        raise RagloraError(NO_STAGES)
+    if max_steps is not None and max_steps < 1:
+        raise RagloraError(f"--max-steps must be at least 1, got {max_steps}")
+    selected = list(stages) if stages else [s.name for s in cfg.stages]
     for name in selected:
         cfg.stage(name)  # raises on an unknown name
     device = resolve_device(model_cfg.device)
@@ -156,53 +233,358 @@ def run_finetune(
     accelerator = Accelerator(cpu=device == "cpu")
     if accelerator.device.type == "cpu":
         tune_cpu_malloc()
-    adapters_dir = Path(adapters_dir)
     with accelerator.main_process_first():  # the packaged base is converted once, by one process
         base_path = resolve_base(model_cfg.base, cache_dir)
         tok = load_tokenizer(model_cfg.base, cache_dir=cache_dir)
-    prompts = {
-        "plain": load_system_prompt(model_cfg.system_prompt_file, with_context=False),
-        "rag": load_system_prompt(model_cfg.rag_system_prompt_file, with_context=True),
-    }
-    val_cache: dict[str, list[dict]] = {}
-    train_cache: dict[str, list[dict]] = {}
-    summaries = []
-    for i, stage in enumerate(cfg.stages):
-        if stage.name not in selected:
-            continue
-        summaries.append(
-            _run_stage(
-                i,
-                stage,
-                cfg=cfg,
-                model_cfg=model_cfg,
-                tok=tok,
-                prompts=prompts,
-                base_path=base_path,
-                data_dir=Path(data_dir),
-                adapters_dir=adapters_dir,
-                cache_dir=cache_dir,
-                index_dir=index_dir,
-                index=index,
-                resume=resume,
-                force=force,
-                accelerator=accelerator,
-                val_cache=val_cache,
-                train_cache=train_cache,
-            )
+    ctx = RunContext(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        tok=tok,
+        prompts=system_prompts(model_cfg, company_name=company_name, company_description=company_description),
+        base_path=base_path,
+        data_dir=Path(data_dir),
+        adapters_dir=Path(adapters_dir),
+        cache_dir=cache_dir,
+        index_dir=index_dir,
+        accelerator=accelerator,
+        index=index,
+        resume=resume,
+        force=force,
+        max_steps=max_steps,
+        no_answer_reply=no_answer_reply,
+    )
+    return [_run_stage(ctx, i, stage) for i, stage in enumerate(cfg.stages) if stage.name in selected]
+
+
+# ---------------------------------------------------------------------------------------------- one stage
+
+
+@dataclass
+class Chain:
+    """Where a stage starts: the stages merged into the base, the adapter it continues (if any)."""
+
+    parents: list[str]
+    init_from: str | None
+    parent_manifests: dict[str, dict]
+
+
+def _run_stage(ctx: RunContext, i: int, stage: StageConfig) -> dict:
+    """Train one stage (or skip it when its manifest has the same config hash); returns its summary."""
+    t_start = time.perf_counter()
+    reset_peak_memory(ctx.accelerator.device.type)
+    lora = resolve_lora(ctx.cfg, stage)
+    out_dir = stage_dir(ctx.adapters_dir, stage.name)
+    chain = _resolve_chain(ctx, i, stage, lora)
+
+    # data, and the hash of everything that shapes the stage
+    train_rows, replay, data_files = stage_rows(i, stage, cfg=ctx.cfg, data_dir=ctx.data_dir, cache=ctx.train_cache)
+    finder, exclude = None, set()
+    if stage.raft:
+        ctx.raft_index(stage)
+        finder, exclude = ctx.held_out_gold()
+    config_hash = _config_hash(ctx, stage, lora, chain, data_files, exclude)
+    existing = _read_json(out_dir / MANIFEST)
+    if existing and existing.get("config_hash") == config_hash and not ctx.force:
+        _say(ctx.accelerator, f"stage {stage.name}: already trained with this configuration, skipping ({out_dir})")
+        return {"stage": stage.name, "skipped": True, "dir": str(out_dir), **existing.get("metrics", {})}
+    train_examples, raft_stats, tok_stats = stage_examples(
+        stage, train_rows, replay, seed=ctx.cfg.seed, tok=ctx.tok, prompts=ctx.prompts,
+        max_length=ctx.model_cfg.max_length, index=ctx.index, gold_finder=finder, exclude_chunks=exclude,
+        refusal_answer=ctx.no_answer_reply,
+    )  # fmt: skip
+    val_sets = {s.name: _stage_val_examples(ctx, s) for s in ctx.cfg.stages[: i + 1]}
+    _say(
+        ctx.accelerator,
+        f"stage {stage.name} ({stage.kind}): {len(train_examples)} examples ({len(replay)} replay); "
+        f"parents {chain.parents}",
+    )
+
+    # model, training, validation loss before/after and forgetting
+    model = _load_model(ctx, lora, chain)
+    trainable, total = count_parameters(model)
+    _say(
+        ctx.accelerator,
+        f"stage {stage.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
+        f"method {lora.method}, device {ctx.accelerator.device}, processes {ctx.accelerator.num_processes}",
+    )
+    loss_module = CausalLMLoss(model, prompt_learning=lora.method in ("prompt_tuning", "prefix_tuning"))
+    val_before = _val_loss(ctx, loss_module, val_sets[stage.name])
+    ckpt_root = ctx.adapters_dir / CHECKPOINTS / stage.name
+    result = _train(ctx, stage, loss_module, train_examples, ckpt_root=ckpt_root, config_hash=config_hash)
+    wrapped = result.pop("model")
+    val_after = {name: _val_loss(ctx, wrapped, ex) for name, ex in val_sets.items()}
+
+    # save (atomic), main process only
+    summary: dict = {"stage": stage.name, "kind": stage.kind, "skipped": False, "dir": str(out_dir)}
+    if ctx.accelerator.is_main_process:
+        metrics = {
+            "final_train_loss": result["final_train_loss"],
+            "validation_loss_before": val_before,
+            "validation_loss": val_after,
+            "forgetting": _forgetting(ctx, i, stage, val_before, val_after),
+            **peak_memory_mb(ctx.accelerator.device.type),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_ratio": round(trainable / total, 6),
+            **{k: result[k] for k in _RESULT_METRICS},
+        }
+        data = {"files": data_files, "train_examples": len(train_examples), "replay_examples": len(replay)}
+        data.update(raft=raft_stats, **tok_stats)
+        _save_stage(
+            ctx, stage, lora, chain, wrapped, result["log_path"],
+            config_hash=config_hash, metrics=metrics, data=data, t_start=t_start,
+        )  # fmt: skip
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        summary.update(metrics)
+        _say(
+            ctx.accelerator,
+            f"stage {stage.name}: done in {metrics['wall_seconds']:.0f}s, train loss {metrics['final_train_loss']:.4f}, "
+            f"val loss {val_before} -> {val_after.get(stage.name)}, {metrics['tokens_per_s']} tokens/s -> {out_dir}",
         )
-    return summaries
+    ctx.accelerator.wait_for_everyone()
+    ctx.accelerator.free_memory()
+    del wrapped, loss_module, model
+    gc.collect()
+    if ctx.accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return summary
+
+
+def _train(ctx: RunContext, stage: StageConfig, loss_module, train_examples, *, ckpt_root, config_hash) -> dict:
+    return train_loop(
+        stage=stage.name,
+        loss_module=loss_module,
+        train_examples=train_examples,
+        stage_cfg=stage,
+        ft_cfg=ctx.cfg,
+        accelerator=ctx.accelerator,
+        pad_id=ctx.tok.pad_token_id,
+        max_length=ctx.model_cfg.max_length,
+        ckpt_root=ckpt_root,
+        config_hash=config_hash,
+        resume=ctx.resume,
+        seed=ctx.cfg.seed,
+        max_steps_cap=ctx.max_steps,
+    )
+
+
+#: train_loop results copied into the manifest's metrics as they are.
+_RESULT_METRICS = (
+    "train_seconds",
+    "tokens_per_s",
+    "train_tokens",
+    "padding_efficiency",
+    "padding_efficiency_random_batches",
+    "optimizer_steps",
+    "resumed_from_step",
+    "world_size",
+    "ddp_params_in_sync",
+)
+
+
+def _resolve_chain(ctx: RunContext, i: int, stage: StageConfig, lora: LoraSettings) -> Chain:
+    """The stage before this one in finetune.stages must be trained; its manifest gives the parents."""
+    if i == 0:
+        return Chain(parents=[], init_from=None, parent_manifests={})
+    prev = ctx.cfg.stages[i - 1]
+    prev_manifest = _read_json(stage_dir(ctx.adapters_dir, prev.name) / MANIFEST)
+    if prev_manifest is None:
+        raise RagloraError(
+            f"stage {stage.name} builds on stage {prev.name}, which has not been trained "
+            f"(no {stage_dir(ctx.adapters_dir, prev.name) / MANIFEST}); run it first, "
+            f"e.g. --stages {prev.name},{stage.name}"
+        )
+    if ctx.cfg.continue_previous_adapter:
+        if prev_manifest.get("method") != lora.method:
+            raise RagloraError(
+                f"stage {stage.name}: continue_previous_adapter needs the same method as stage {prev.name} "
+                f"({prev_manifest.get('method')} vs {lora.method})"
+            )
+        parents = list(prev_manifest.get("parents", []))
+        init_from: str | None = prev.name
+    else:
+        parents = [*prev_manifest.get("parents", []), prev.name]
+        init_from = None
+    manifests = {p: _read_json(stage_dir(ctx.adapters_dir, p) / MANIFEST) or {} for p in parents}
+    if init_from:
+        manifests[init_from] = prev_manifest
+    return Chain(parents=parents, init_from=init_from, parent_manifests=manifests)
+
+
+def _config_hash(
+    ctx: RunContext, stage: StageConfig, lora: LoraSettings, chain: Chain, data_files: dict, exclude: set[str]
+) -> str:
+    """Everything that changes what the stage learns; an unchanged hash means the stage can be skipped."""
+    m = ctx.model_cfg
+    hashed = {
+        "stage": stage.model_dump(),
+        "lora": lora.model_dump(),
+        "base": m.base,
+        "max_length": m.max_length,
+        "dtype": m.dtype,
+        "load_in_4bit": m.load_in_4bit,
+        "prompts": ctx.prompts,
+        "seed": ctx.cfg.seed,
+        "batching": [ctx.cfg.group_by_length, ctx.cfg.mega_batch_factor, ctx.cfg.packing],
+        "continue_previous_adapter": ctx.cfg.continue_previous_adapter,
+        "parents": {p: pm.get("adapter_sha256") for p, pm in chain.parent_manifests.items()},
+        "data": {k: v["sha256"] for k, v in data_files.items()},
+        "index": _index_digest(ctx.index, ctx.index_dir) if stage.raft else None,
+        "max_steps_cap": ctx.max_steps,  # a smoke run is never mistaken for the full one
+    }
+    if stage.raft:
+        hashed["held_out_gold"] = _digest(sorted(exclude))
+        if stage.raft_no_gold_target == "refusal":
+            hashed["no_answer_reply"] = ctx.no_answer_reply
+    return _digest(hashed)
+
+
+def _load_model(ctx: RunContext, lora: LoraSettings, chain: Chain):
+    """Base + parents merged, with this stage's trainable method applied (or the previous adapter continued)."""
+    from accelerate.utils import set_seed
+    from peft import PeftModel
+
+    m, cfg = ctx.model_cfg, ctx.cfg
+    set_seed(cfg.seed)
+    common = {"cache_dir": ctx.cache_dir, "attn_implementation": m.attn_implementation}
+    if m.load_in_4bit:
+        model, _ = load_merged_chain(
+            m.base, ctx.adapters_dir, chain.parents, device="cuda", dtype=m.dtype, load_in_4bit=True, **common
+        )
+    else:
+        model, _ = load_merged_chain(m.base, ctx.adapters_dir, chain.parents, device="cpu", dtype="float32", **common)
+        # full fine-tuning keeps fp32 master weights; adapters train on a bf16 base on GPU
+        if lora.method != "full":
+            model.to(resolve_dtype(m.dtype, ctx.accelerator.device.type))
+    if chain.init_from:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model = PeftModel.from_pretrained(model, str(stage_dir(ctx.adapters_dir, chain.init_from)), is_trainable=True)
+    else:
+        model = apply_method(
+            model, lora, load_in_4bit=m.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing
+        )
+    if not m.load_in_4bit:
+        model.to(ctx.accelerator.device)
+    return model
+
+
+def _val_loss(ctx: RunContext, loss_module, examples: list[dict]) -> float | None:
+    return evaluate_loss(
+        loss_module, examples, accelerator=ctx.accelerator, batch_size=ctx.cfg.eval_batch_size,
+        pad_id=ctx.tok.pad_token_id,
+    )  # fmt: skip
+
+
+def _forgetting(ctx: RunContext, i: int, stage: StageConfig, val_before, val_after: dict) -> dict:
+    """Validation loss of every earlier stage after its own training and after this one."""
+    table = {}
+    for s in ctx.cfg.stages[:i]:
+        own = (_read_json(stage_dir(ctx.adapters_dir, s.name) / MANIFEST) or {}).get("metrics", {})
+        after_own = (own.get("validation_loss") or {}).get(s.name)
+        now = val_after.get(s.name)
+        table[s.name] = {
+            "after_own_stage": after_own,
+            "after_this_stage": now,
+            "delta": round(now - after_own, 6) if now is not None and after_own is not None else None,
+        }
+    table[stage.name] = {"before_this_stage": val_before, "after_this_stage": val_after.get(stage.name)}
+    return table
+
+
+def _save_stage(
+    ctx: RunContext,
+    stage: StageConfig,
+    lora: LoraSettings,
+    chain: Chain,
+    wrapped,
+    log_path: Path,
+    *,
+    config_hash: str,
+    metrics: dict,
+    data: dict,
+    t_start: float,
+) -> None:
+    """Weights, train log, resolved config and manifest into a temp folder, then renamed over the stage folder."""
+    m = ctx.model_cfg
+    device_type = ctx.accelerator.device.type
+    inner = ctx.accelerator.unwrap_model(wrapped).model
+    out_dir = stage_dir(ctx.adapters_dir, stage.name)
+    tmp = ctx.adapters_dir / f".tmp-{stage.name}-{int(time.time() * 1000)}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        inner.save_pretrained(tmp)
+        if lora.method == "full":
+            ctx.tok.save_pretrained(tmp)
+            weights = [p for p in tmp.iterdir() if p.suffix == ".safetensors"]
+        else:
+            weights = [tmp / ADAPTER_FILES[1]]
+        shutil.copyfile(log_path, tmp / "train_log.jsonl")
+        trainable, total = metrics["trainable_params"], metrics["total_params"]
+        bytes_per_param = 2 if resolve_dtype(m.dtype, device_type) != torch.float32 else 4
+        metrics["adapter_bytes"] = sum(p.stat().st_size for p in weights)
+        metrics["full_model_bytes"] = (total - (trainable if lora.method != "full" else 0)) * bytes_per_param
+        metrics["wall_seconds"] = round(time.perf_counter() - t_start, 2)  # everything but the final rename
+        manifest = {
+            "stage": stage.name,
+            "kind": stage.kind,
+            "method": lora.method,
+            "base": m.base,
+            "base_resolved": ctx.base_path,
+            "parents": chain.parents,
+            "initialized_from": chain.init_from,
+            "config_hash": config_hash,
+            "max_steps_cap": ctx.max_steps,
+            "adapter_sha256": _digest([file_sha256(p) for p in sorted(weights)]),
+            "lora": lora.model_dump(),
+            "stage_config": stage.model_dump(),
+            "data": data,
+            "metrics": metrics,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+        }
+        resolved = {"model": m.model_dump(), "finetune": ctx.cfg.model_dump(), "stage": stage.name}
+        (tmp / "resolved_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _atomic_replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def _kind_error(stage: StageConfig, path: Path, rows: list[dict]) -> str | None:
+    texts = sum(1 for r in rows if is_text_example(r))
+    if not rows:
+        if stage.kind == "text":
+            return (
+                f"stage {stage.name} (kind: text): no document chunks in {path}; a text stage trains on the "
+                "documents of the project's docs sources: add one to data.sources and rerun `raglora data`"
+            )
+        return f"stage {stage.name}: no training rows in {path}; check its sources/where and rerun `raglora data`"
+    if stage.kind == "text" and texts < len(rows):
+        return f'stage {stage.name} (kind: text): {path} holds conversations; a text stage needs {{"text"}} rows'
+    if stage.kind == "chat" and texts:
+        return f"stage {stage.name} (kind: chat): {path} holds document rows; set the stage's kind: text"
+    return None
 
 
 def stage_rows(i: int, stage: StageConfig, *, cfg: FinetuneConfig, data_dir: Path, cache: dict) -> tuple:
     """(training rows, replay rows drawn from the earlier stages, {role: file facts for the manifest})."""
     train_path = _data_path(data_dir, stage.train_file)
-    val_path = _data_path(data_dir, stage.validation_file) if stage.validation_file else None
     if stage.name not in cache:
-        cache[stage.name] = load_examples(train_path, stage=stage.name)
+        rows = load_examples(train_path, stage=stage.name, allow_empty=True)
+        problem = _kind_error(stage, train_path, rows)
+        if problem:
+            raise RagloraError(problem)
+        cache[stage.name] = rows
     train_rows = cache[stage.name]
     data_files = {"train": {"path": str(train_path), "sha256": file_sha256(train_path), "rows": len(train_rows)}}
-    if val_path is not None:
+    if stage.validation_file:
+        val_path = _data_path(data_dir, stage.validation_file)
         if not val_path.is_file():
             raise RagloraError(f"stage {stage.name}: validation file not found: {val_path}")
         data_files["validation"] = {"path": str(val_path), "sha256": file_sha256(val_path)}
@@ -212,7 +594,7 @@ def stage_rows(i: int, stage: StageConfig, *, cfg: FinetuneConfig, data_dir: Pat
         for s in cfg.stages[:i]:
             p = _data_path(data_dir, s.train_file)
             if s.name not in cache:
-                cache[s.name] = load_examples(p, stage=s.name)
+                cache[s.name] = load_examples(p, stage=s.name, allow_empty=True)
             earlier += cache[s.name]
             data_files[f"replay:{s.name}"] = {"path": str(p), "sha256": file_sha256(p)}
         replay = sample_replay(earlier, len(train_rows), stage.replay_fraction, seed=f"{cfg.seed}:{stage.name}")
@@ -220,9 +602,23 @@ def stage_rows(i: int, stage: StageConfig, *, cfg: FinetuneConfig, data_dir: Pat
 
 
 def stage_examples(
-    stage: StageConfig, rows: list[dict], replay: list[dict], *, seed: int, tok, prompts: dict, max_length: int, index
+    stage: StageConfig,
+    rows: list[dict],
+    replay: list[dict],
+    *,
+    seed: int,
+    tok,
+    prompts: dict,
+    max_length: int,
+    index,
+    gold_finder=None,
+    exclude_chunks=(),
+    refusal_answer: str = REFUSAL_ANSWER,
 ) -> tuple[list[dict], dict | None, dict]:
-    """Tokenized training examples exactly as the stage trains on them (RAFT contexts added when configured)."""
+    """Tokenized training examples exactly as the stage trains on them (RAFT contexts added when configured).
+
+    `exclude_chunks`: chunk ids never used as RAFT distractors (the gold chunks of held-out rows).
+    """
     examples = list(rows)
     raft_stats = None
     if stage.raft:
@@ -244,6 +640,9 @@ def stage_examples(
             search_mode=stage.raft_search_mode,
             context_chars=stage.raft_context_chars,
             fits=fits,
+            gold_finder=gold_finder,
+            exclude_chunks=exclude_chunks,
+            refusal_answer=refusal_answer,
         )
     train_examples, tok_stats = _tokenize_all(tok, examples + replay, prompts["plain"], max_length)
     if not train_examples:
@@ -251,258 +650,45 @@ def stage_examples(
     return train_examples, raft_stats, tok_stats
 
 
+def _tokenize_all(tok, examples: list[dict], system_prompt: str, max_length: int) -> tuple[list[dict], dict]:
+    """Chat rows: chat template, loss on assistant turns, truncated to max_length. Text rows: plain text, loss on
+    every token, split into windows of max_length."""
+    out, truncated, dropped, split = [], 0, 0, 0
+    for ex in examples:
+        if is_text_example(ex):
+            windows = tokenize_text(tok, ex["text"], max_length)
+            split += int(len(windows) > 1)
+            dropped += int(not windows)
+            out += [{**w, "id": ex["id"], "stage": ex["stage"]} for w in windows]
+            continue
+        msgs = ex["messages"] if "raft" in ex else with_system(ex["messages"], system_prompt)
+        full = tokenize_conversation(tok, msgs, None)
+        t = tokenize_conversation(tok, msgs, max_length) if full and full["length"] > max_length else full
+        if t is None:
+            dropped += 1
+            continue
+        truncated += int(full["length"] > max_length)
+        out.append({**t, "id": ex["id"], "stage": ex["stage"]})
+    return out, {"truncated": truncated, "dropped": dropped, "split_into_windows": split}
+
+
 def _val_examples(stage: StageConfig, *, data_dir, tok, prompts, max_length, limit, cache) -> list[dict]:
+    """The stage's first `limit` validation rows, tokenized like its training rows (cached per run)."""
     if stage.name not in cache:
         if not stage.validation_file:
             cache[stage.name] = []
         else:
-            rows = load_examples(_data_path(data_dir, stage.validation_file), stage=stage.name)[:limit]
+            path = _data_path(data_dir, stage.validation_file)
+            rows = load_examples(path, stage=stage.name, allow_empty=True)[:limit]
             cache[stage.name] = _tokenize_all(tok, rows, prompts["plain"], max_length)[0]
     return cache[stage.name]
 
 
-def _run_stage(
-    i: int,
-    stage: StageConfig,
-    *,
-    cfg: FinetuneConfig,
-    model_cfg: ModelConfig,
-    tok,
-    prompts: dict,
-    base_path: str,
-    data_dir: Path,
-    adapters_dir: Path,
-    cache_dir,
-    index_dir,
-    index,
-    resume: bool,
-    force: bool,
-    accelerator,
-    val_cache: dict,
-    train_cache: dict,
-) -> dict:
-    from accelerate.utils import set_seed
-    from peft import PeftModel
-
-    t_start = time.perf_counter()
-    device_type = accelerator.device.type
-    reset_peak_memory(device_type)
-    lora = resolve_lora(cfg, stage)
-    out_dir = stage_dir(adapters_dir, stage.name)
-    prev = cfg.stages[i - 1] if i > 0 else None
-    prev_manifest = _chain_manifest(adapters_dir, prev, stage.name) if prev else None
-    if prev is None:
-        parents: list[str] = []
-    elif cfg.continue_previous_adapter:
-        parents = list(prev_manifest.get("parents", []))
-    else:
-        parents = [*prev_manifest.get("parents", []), prev.name]
-    init_from = prev.name if (prev is not None and cfg.continue_previous_adapter) else None
-    if init_from and prev_manifest.get("method") != lora.method:
-        raise RagloraError(
-            f"stage {stage.name}: continue_previous_adapter needs the same method as stage {prev.name} "
-            f"({prev_manifest.get('method')} vs {lora.method})"
-        )
-    parent_manifests = {p: _read_json(stage_dir(adapters_dir, p) / MANIFEST) or {} for p in parents}
-    if init_from:
-        parent_manifests[init_from] = prev_manifest
-
-    # ------------------------------------------------------------------ data
-    train_rows, replay, data_files = stage_rows(i, stage, cfg=cfg, data_dir=data_dir, cache=train_cache)
-    if stage.raft and index is None:
-        index = _open_index(index_dir, stage)
-
-    hashed = {
-        "stage": stage.model_dump(),
-        "lora": lora.model_dump(),
-        "base": model_cfg.base,
-        "max_length": model_cfg.max_length,
-        "dtype": model_cfg.dtype,
-        "load_in_4bit": model_cfg.load_in_4bit,
-        "prompts": prompts,
-        "seed": cfg.seed,
-        "batching": [cfg.group_by_length, cfg.mega_batch_factor, cfg.packing],
-        "continue_previous_adapter": cfg.continue_previous_adapter,
-        "parents": {p: m.get("adapter_sha256") for p, m in parent_manifests.items()},
-        "data": {k: v["sha256"] for k, v in data_files.items()},
-        "index": _index_digest(index, index_dir) if stage.raft else None,
-    }
-    config_hash = _digest(hashed)
-    existing = _read_json(out_dir / MANIFEST)
-    if existing and existing.get("config_hash") == config_hash and not force:
-        _say(accelerator, f"stage {stage.name}: already trained with this configuration, skipping ({out_dir})")
-        return {"stage": stage.name, "skipped": True, "dir": str(out_dir), **existing.get("metrics", {})}
-
-    train_examples, raft_stats, tok_stats = stage_examples(
-        stage, train_rows, replay, seed=cfg.seed, tok=tok, prompts=prompts, max_length=model_cfg.max_length, index=index
-    )
-    val_sets = {
-        s.name: _val_examples(
-            s,
-            data_dir=data_dir,
-            tok=tok,
-            prompts=prompts,
-            max_length=model_cfg.max_length,
-            limit=cfg.eval_max_examples,
-            cache=val_cache,
-        )  # fmt: skip
-        for s in cfg.stages[: i + 1]
-    }
-
-    # ------------------------------------------------------------------ model
-    _say(accelerator, f"stage {stage.name}: {len(train_examples)} examples ({len(replay)} replay); parents {parents}")
-    set_seed(cfg.seed)
-    if model_cfg.load_in_4bit:
-        model, _ = load_merged_chain(
-            model_cfg.base, adapters_dir, parents, cache_dir=cache_dir, device="cuda", dtype=model_cfg.dtype,
-            load_in_4bit=True, attn_implementation=model_cfg.attn_implementation,
-        )  # fmt: skip
-    else:
-        model, _ = load_merged_chain(
-            model_cfg.base, adapters_dir, parents, cache_dir=cache_dir, device="cpu", dtype="float32",
-            attn_implementation=model_cfg.attn_implementation,
-        )  # fmt: skip
-        # full fine-tuning keeps fp32 master weights; adapters train on a bf16 base on GPU
-        if lora.method != "full":
-            model.to(resolve_dtype(model_cfg.dtype, device_type))
-    if init_from:
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        model = PeftModel.from_pretrained(model, str(stage_dir(adapters_dir, init_from)), is_trainable=True)
-    else:
-        model = apply_method(
-            model, lora, load_in_4bit=model_cfg.load_in_4bit, gradient_checkpointing=cfg.gradient_checkpointing
-        )
-    if not model_cfg.load_in_4bit:
-        model.to(accelerator.device)
-    trainable, total = count_parameters(model)
-    _say(
-        accelerator,
-        f"stage {stage.name}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
-        f"method {lora.method}, device {accelerator.device}, processes {accelerator.num_processes}",
-    )
-    loss_module = CausalLMLoss(model, prompt_learning=lora.method in ("prompt_tuning", "prefix_tuning"))
-    pad_id = tok.pad_token_id
-    val_before = evaluate_loss(
-        loss_module, val_sets[stage.name], accelerator=accelerator, batch_size=cfg.eval_batch_size, pad_id=pad_id
-    )
-    ckpt_root = adapters_dir / CHECKPOINTS / stage.name
-    result = train_loop(
-        stage=stage.name,
-        loss_module=loss_module,
-        train_examples=train_examples,
-        stage_cfg=stage,
-        ft_cfg=cfg,
-        accelerator=accelerator,
-        pad_id=pad_id,
-        max_length=model_cfg.max_length,
-        ckpt_root=ckpt_root,
-        config_hash=config_hash,
-        resume=resume,
-        seed=cfg.seed,
-    )
-    wrapped = result.pop("model")
-    val_after = {
-        name: evaluate_loss(wrapped, ex, accelerator=accelerator, batch_size=cfg.eval_batch_size, pad_id=pad_id)
-        for name, ex in val_sets.items()
-    }
-    forgetting = {}
-    for s in cfg.stages[:i]:
-        own = (_read_json(stage_dir(adapters_dir, s.name) / MANIFEST) or {}).get("metrics", {})
-        after_own = (own.get("validation_loss") or {}).get(s.name)
-        now = val_after.get(s.name)
-        forgetting[s.name] = {
-            "after_own_stage": after_own,
-            "after_this_stage": now,
-            "delta": round(now - after_own, 6) if now is not None and after_own is not None else None,
-        }
-    forgetting[stage.name] = {"before_this_stage": val_before, "after_this_stage": val_after.get(stage.name)}
-
-    # ------------------------------------------------------------------ save (atomic)
-    summary: dict = {"stage": stage.name, "skipped": False, "dir": str(out_dir)}
-    if accelerator.is_main_process:
-        inner = accelerator.unwrap_model(wrapped).model
-        tmp = adapters_dir / f".tmp-{stage.name}-{int(time.time() * 1000)}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            if lora.method == "full":
-                inner.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-                weights = [p for p in tmp.iterdir() if p.suffix == ".safetensors"]
-            else:
-                inner.save_pretrained(tmp)
-                weights = [tmp / ADAPTER_FILES[1]]
-            adapter_bytes = sum(p.stat().st_size for p in weights)
-            adapter_sha = _digest([file_sha256(p) for p in sorted(weights)])
-            shutil.copyfile(result["log_path"], tmp / "train_log.jsonl")
-            mem = peak_memory_mb(device_type)
-            bytes_per_param = 2 if resolve_dtype(model_cfg.dtype, device_type) != torch.float32 else 4
-            metrics = {
-                "final_train_loss": result["final_train_loss"],
-                "validation_loss_before": val_before,
-                "validation_loss": val_after,
-                "forgetting": forgetting,
-                "wall_seconds": round(time.perf_counter() - t_start, 2),
-                "train_seconds": result["train_seconds"],
-                **mem,
-                "trainable_params": trainable,
-                "total_params": total,
-                "trainable_ratio": round(trainable / total, 6),
-                "adapter_bytes": adapter_bytes,
-                "full_model_bytes": (total - (trainable if lora.method != "full" else 0)) * bytes_per_param,
-                "tokens_per_s": result["tokens_per_s"],
-                "train_tokens": result["train_tokens"],
-                "padding_efficiency": result["padding_efficiency"],
-                "padding_efficiency_random_batches": result["padding_efficiency_random_batches"],
-                "optimizer_steps": result["optimizer_steps"],
-                "resumed_from_step": result["resumed_from_step"],
-                "world_size": result["world_size"],
-                "ddp_params_in_sync": result["ddp_params_in_sync"],
-            }
-            manifest = {
-                "stage": stage.name,
-                "method": lora.method,
-                "base": model_cfg.base,
-                "base_resolved": base_path,
-                "parents": parents,
-                "initialized_from": init_from,
-                "config_hash": config_hash,
-                "adapter_sha256": adapter_sha,
-                "lora": lora.model_dump(),
-                "stage_config": stage.model_dump(),
-                "data": {
-                    "files": data_files,
-                    "train_examples": len(train_examples),
-                    "replay_examples": len(replay),
-                    "raft": raft_stats,
-                    **tok_stats,
-                },
-                "metrics": metrics,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-            }
-            resolved = {"model": model_cfg.model_dump(), "finetune": cfg.model_dump(), "stage": stage.name}
-            (tmp / "resolved_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _atomic_replace_dir(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        summary.update(metrics)
-        _say(
-            accelerator,
-            f"stage {stage.name}: done in {metrics['wall_seconds']:.0f}s, train loss {metrics['final_train_loss']:.4f}, "
-            f"val loss {val_before} -> {val_after.get(stage.name)}, {metrics['tokens_per_s']} tokens/s -> {out_dir}",
-        )
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()
-    del wrapped, loss_module, model
-    gc.collect()
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
-    return summary
+def _stage_val_examples(ctx: RunContext, stage: StageConfig) -> list[dict]:
+    return _val_examples(
+        stage, data_dir=ctx.data_dir, tok=ctx.tok, prompts=ctx.prompts, max_length=ctx.model_cfg.max_length,
+        limit=ctx.cfg.eval_max_examples, cache=ctx.val_cache,
+    )  # fmt: skip
 
 
 def _versions() -> dict:

@@ -6,6 +6,8 @@ longest row, the loss is computed from the hidden states of trained (assistant) 
 
 Checkpoints (`<adapters_dir>/.checkpoints/<stage>/step-N/`) hold the trainable weights, optimizer, scheduler,
 RNG states, the step and the batch plan; `resume` continues from the newest one so the loss curve continues.
+One is written every `finetune.save_steps` optimizer steps when set, else every `finetune.save_minutes` of
+wall time, so a SIGKILL costs at most that much of a stage whatever its length (and on Ctrl-C).
 """
 
 from __future__ import annotations
@@ -252,6 +254,18 @@ def peak_memory_mb(device_type: str) -> dict:
 # ---------------------------------------------------------------------------------------------- loop
 
 
+def _now() -> float:
+    """Monotonic seconds (a function of its own so tests can move the clock)."""
+    return time.monotonic()
+
+
+def checkpoint_due(step: int, *, save_steps: int | None, save_minutes: float, since_last: float) -> bool:
+    """Every save_steps optimizer steps when set, else when save_minutes have passed since the last checkpoint."""
+    if save_steps:
+        return step % save_steps == 0
+    return since_last >= save_minutes * 60
+
+
 def _tensorboard(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -274,11 +288,13 @@ def train_loop(
     config_hash: str,
     resume: bool,
     seed: int,
+    max_steps_cap: int | None = None,
 ) -> dict:
     """Train `loss_module` (already on the device, not yet prepared) and return metrics.
 
     The batch plan is global: optimizer step s on process r uses micro-batches
-    plan[(s * grad_accum + j) * world + r] for j < grad_accum.
+    plan[(s * grad_accum + j) * world + r] for j < grad_accum. `max_steps_cap` (smoke runs) caps the number
+    of optimizer steps whatever the stage's max_steps or epochs say.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -290,6 +306,8 @@ def train_loop(
     bs = stage_cfg.batch_size
     micro_per_epoch = math.ceil(len(train_examples) / bs)
     total_steps = stage_cfg.max_steps or max(1, math.ceil(stage_cfg.epochs * micro_per_epoch / (ga * world)))
+    if max_steps_cap is not None:
+        total_steps = max(1, min(total_steps, max_steps_cap))
     lengths = [e["length"] for e in train_examples]
     plan = plan_batches(
         lengths,
@@ -350,7 +368,11 @@ def train_loop(
     last_loss = None
     step = start_step
 
+    last_saved = _now()
+
     def checkpoint(at: int) -> Path:
+        nonlocal last_saved
+        last_saved = _now()
         extra = {"config_hash": config_hash, "world_size": world, "tokens": tokens, "padded": padded}
         extra["train_seconds"] = train_seconds
         extra["total_steps"] = total_steps
@@ -424,7 +446,10 @@ def train_loop(
                 if tb is not None:
                     tb.add_scalar(f"{stage}/loss", last_loss, step)
                     tb.add_scalar(f"{stage}/lr", entry["lr"], step)
-            if step % ft_cfg.save_steps == 0 and step < total_steps:
+            due = checkpoint_due(
+                step, save_steps=ft_cfg.save_steps, save_minutes=ft_cfg.save_minutes, since_last=_now() - last_saved
+            )
+            if due and step < total_steps:
                 checkpoint(step)
     except KeyboardInterrupt:
         bar.close()

@@ -9,14 +9,24 @@ from finetune.config import FinetuneConfig, LoraOverride, ModelConfig, StageConf
 from retriever.errors import RagloraError
 
 
-def test_defaults_are_the_three_stages_with_raft_on_faq_stages():
+def test_defaults_have_no_stages_and_time_based_checkpoints():
     cfg = FinetuneConfig()
-    assert [s.name for s in cfg.stages] == ["general", "domain", "subdomain"]
-    assert [s.raft for s in cfg.stages] == [False, True, True]
-    assert all(s.max_steps for s in cfg.stages)
+    assert cfg.stages == []  # stages come from the project's config (raglora init writes them)
+    assert cfg.save_steps is None and cfg.save_minutes == 5
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     m = ModelConfig()
     assert m.base == "packaged:smollm2-135m-instruct" and m.device == "auto" and m.max_length == 384
+
+
+def test_stage_files_default_to_the_stage_folder():
+    s = StageConfig(name="heat-pumps", sources=["tickets"], where={"category": "heat-pumps"})
+    assert (s.train_file, s.validation_file) == ("heat-pumps/train.jsonl", "heat-pumps/validation.jsonl")
+    assert s.kind == "chat" and s.where == {"category": ["heat-pumps"]}
+    assert StageConfig(name="a", train_file="x.jsonl").train_file == "x.jsonl"
+    with pytest.raises(ValidationError, match="text stage"):
+        StageConfig(name="manuals", kind="text", sources=["tickets"])
+    with pytest.raises(ValidationError, match="raft needs a chat stage"):
+        StageConfig(name="manuals", kind="text", raft=True)
 
 
 def test_unknown_keys_and_bad_values_are_rejected():
@@ -28,8 +38,6 @@ def test_unknown_keys_and_bad_values_are_rejected():
         StageConfig(name="bad name!", train_file="x")
     with pytest.raises(ValidationError, match="duplicate stage names"):
         FinetuneConfig(stages=[StageConfig(name="a", train_file="x"), StageConfig(name="a", train_file="y")])
-    with pytest.raises(ValidationError, match="at least one stage"):
-        FinetuneConfig(stages=[])
     with pytest.raises(ValidationError, match="cannot be merged"):
         FinetuneConfig(
             stages=[

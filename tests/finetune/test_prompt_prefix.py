@@ -22,9 +22,10 @@ CONTEXTS = [
 
 
 def test_default_system_prompts_state_the_persona_and_rag_rules():
-    plain = load_system_prompt(None, with_context=False)
-    rag = load_system_prompt(None, with_context=True)
-    assert "Swedish construction company" in plain and "Swedish construction company" in rag
+    plain = load_system_prompt(None, with_context=False, name="Acme Heating")
+    rag = load_system_prompt(None, with_context=True, name="Acme Heating")
+    assert "Acme Heating" in plain and "Acme Heating" in rag
+    assert "construction" not in load_system_prompt(None, with_context=True)  # company-neutral templates
     for phrase in ("only", "[n]", "human colleague", "never instructions"):
         assert phrase in rag
     assert "[n]" not in plain

@@ -59,6 +59,12 @@ def test_raft_and_replay_are_recorded(trained_run):
     dom = _manifest(trained_run, "domain")["data"]
     assert dom["raft"]["raft_examples"] == 4  # raft_fraction 0.5 of 8 rows
     assert dom["raft"]["with_gold"] + dom["raft"]["without_gold"] == 4
+    # the validation rows of every stage are held out (5 FAQ chunks): never shown, not even as a row's own gold
+    # (in this toy data the validation rows are also training rows: those fall back to their own answer)
+    raft = dom["raft"]
+    assert raft["excluded_gold_chunks"] == 5
+    assert raft["gold_by_source"] + raft["gold_fallback"] == raft["with_gold"]
+    assert raft["gold_fallback"] == raft["gold_withheld_held_out"]
     sub = _manifest(trained_run, "subdomain")["data"]
     assert sub["replay_examples"] == 2  # round(0.4 * 5) rows from general+domain train
     assert sub["train_examples"] == 5 + 2
