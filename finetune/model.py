@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -396,7 +397,7 @@ def merge_stage_into(model, adapters_dir: str | Path, stage: str, manifest: dict
         raise RagloraError(f"stage {stage}: internal error: full stages start a chain, they are not merged")
     if method not in ("lora", "ia3"):
         raise RagloraError(f"stage {stage}: a {method} adapter cannot be merged into the model weights")
-    peft_model = PeftModel.from_pretrained(model, str(sd), adapter_name=stage)
+    peft_model = PeftModel.from_pretrained(model, str(sd))  # the default adapter name: PEFT refuses '.' in names
     return peft_model.merge_and_unload()
 
 
@@ -498,7 +499,10 @@ def load_for_inference(
         base, adapters_dir, parents, cache_dir=cache_dir, device="cpu", dtype="float32",
         attn_implementation=attn_implementation,
     )  # fmt: skip
-    model = PeftModel.from_pretrained(model, str(stage_dir(adapters_dir, stage)), adapter_name=stage)
+    # PEFT refuses '.' in adapter names ("heat-pumps.boilers")
+    model = PeftModel.from_pretrained(
+        model, str(stage_dir(adapters_dir, stage)), adapter_name=re.sub(r"\W", "_", stage)
+    )
     if merge:
         model = model.merge_and_unload()
     dev = resolve_device(device)

@@ -41,22 +41,35 @@ def test_unseen_company_end_to_end_through_the_cli(tmp_path, capsys):
          "--qa", str(ACME / "tickets.csv"), "--name", "Acme Heating", "--subdomain", "category=heat-pumps,boilers",
          "--question-field", "Customer wrote", "--answer-field", "Agent resolution", "--base", str(base))  # fmt: skip
     config = str(bot / "raglora.yaml")
+    # A user renames a stage; PEFT refuses '.' in adapter names, so this name also proves the stage plumbing.
+    text = (bot / "raglora.yaml").read_text()
+    text = text.replace("name: subdomain", "name: heat.pumps-boilers").replace(
+        "held_out:subdomain", "held_out:heat.pumps-boilers"
+    )
+    (bot / "raglora.yaml").write_text(text)
     _run("data", "--config", config)
     manifest = json.loads((bot / "data" / "manifest.json").read_text())
     assert manifest["leak_check"]["held_out_in_training"] == 0
     _run("index", "--config", config)
     _run("finetune", "--config", config, "--max-steps", "2", "--set", "finetune.stages.0.batch_size=2")
-    for stage, parents in [("general", []), ("domain", ["general"]), ("subdomain", ["general", "domain"])]:
+    for stage, parents in [("general", []), ("domain", ["general"]), ("heat.pumps-boilers", ["general", "domain"])]:
         m = json.loads((bot / "artifacts" / "adapters" / stage / "manifest.json").read_text())
         assert m["parents"] == parents and m["metrics"]["optimizer_steps"] == 2
     capsys.readouterr()
+    _run("merge", "--config", config, "--out", str(bot / "artifacts" / "merged"))
+    assert (bot / "artifacts" / "merged" / "config.json").is_file()
     _run("eval", "--config", config, "--limit", "3", "--set", "eval.speedup_questions=0",
          "--set", "eval.max_new_tokens=8", "--set", "eval.bootstrap_resamples=50")  # fmt: skip
     report = Path(capsys.readouterr().out.split("report: ")[1].split()[0])
     assert report.is_file() and report.resolve().is_relative_to(bot.resolve())
     results = json.loads((report.parent / "results.json").read_text())
-    assert {"rag+lora-subdomain", "rag+lora-domain", "lora-general"} <= set(results["arms"])
-    assert {n: s["n"] for n, s in results["test_sets"].items()} == {"domain": 2, "subdomain": 3, "general": 3, "out_of_kb": 3}
+    assert {"rag+lora-heat.pumps-boilers", "rag+lora-domain", "lora-general"} <= set(results["arms"])
+    assert {n: s["n"] for n, s in results["test_sets"].items()} == {
+        "domain": 2,
+        "subdomain": 3,
+        "general": 3,
+        "out_of_kb": 3,
+    }
 
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -78,13 +91,13 @@ def test_unseen_company_end_to_end_through_the_cli(tmp_path, capsys):
                 assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
                 assert time.time() < deadline, "server did not start"
                 time.sleep(0.5)
-        assert "raglora-rag+lora-subdomain" in models
+        assert "raglora-rag+lora-heat.pumps-boilers" in models
         reply = client.chat.completions.create(
-            model="raglora-rag+lora-subdomain",
+            model="raglora-rag+lora-heat.pumps-boilers",
             messages=[{"role": "user", "content": "my boiler pressure is low, what should I do?"}],
             max_tokens=8,
         )
-        assert reply.choices[0].message.content is not None and reply.model == "raglora-rag+lora-subdomain"
+        assert reply.choices[0].message.content is not None and reply.model == "raglora-rag+lora-heat.pumps-boilers"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
