@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 Method = Literal["lora", "prompt_tuning", "prefix_tuning", "ia3", "full"]
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]

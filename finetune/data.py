@@ -12,45 +12,20 @@ Q/A rows may also carry `faq_id`/`id`, `question`, `answer`, `category` and `sou
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import torch
 
 from finetune.prompt import build_messages
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
+from raglora.files import read_jsonl
 
 IGNORE_INDEX = -100
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; a bad line raises naming file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise RagloraError(f"dataset file not found: {p} (run `raglora data` to write the default datasets)")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise RagloraError(f"{p}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-                except (RecursionError, ValueError) as exc:  # nesting too deep, integers too long
-                    raise RagloraError(f"{p}:{lineno}: unreadable JSON ({type(exc).__name__})") from None
-                if not isinstance(obj, dict):
-                    raise RagloraError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                rows.append((lineno, obj))
-        except UnicodeDecodeError:
-            raise RagloraError(f"{p}: not UTF-8 text") from None
-    return rows
 
 
 def detect_format(row: dict) -> str:
@@ -129,6 +104,8 @@ def load_examples(path: str | Path, *, stage: str, allow_empty: bool = False) ->
     Chat rows become {"id", "stage", "messages", "faq_id", "question", "answer", "category", "source"}; document
     rows (`{"text", ...}`, for text stages) become {"id", "stage", "text", "source", "title"}.
     """
+    if not Path(path).is_file():
+        raise RagloraError(f"dataset file not found: {path} (run `raglora data` to write the stages' datasets)")
     rows = read_jsonl(path)
     if not rows and not allow_empty:
         raise RagloraError(f"dataset {path} has no examples (stage {stage})")

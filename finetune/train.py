@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data import IGNORE_INDEX, collate, padding_efficiency, plan_batches
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
+from raglora.files import atomic_replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,7 @@ def save_checkpoint(ckpt_root: Path, *, model, optimizer, scheduler, step: int, 
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "plan.json").write_text(json.dumps(plan))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        atomic_replace_dir(tmp, final)
         for old in ckpt_root.glob("step-*"):
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ from pipeline.handoff import (
 from pipeline.prompting import PromptFitter, control_tokens, strip_control_tokens, token_ids
 from pipeline.routing import LORA_MODES, MODEL_PREFIX, MODES, RAG_MODES, Routing, UnknownModel, model_name
 from pipeline.store import ANONYMOUS, ConversationStore
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 if TYPE_CHECKING:
     from pipeline.chat import chat_repl

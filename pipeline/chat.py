@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pipeline.answer import Answer, AnswerService
 from pipeline.generate import SamplingParams
 from pipeline.routing import MODES, model_name
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def chat_help(service: AnswerService) -> str:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from finetune.config import FinetuneConfig, ModelConfig
 from pipeline.api.settings import ServeConfig
+from raglora.errors import RagloraError
 from retriever.config import IndexConfig, RetrievalConfig
-from retriever.errors import RagloraError
 
 DEFAULT_CONFIG = "configs/default.yaml"
 

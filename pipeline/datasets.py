@@ -19,8 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline.sources import SourceReport, detect_fields, load_source, normalise_question, read_records, stable_id
-from retriever.errors import RagloraError
-from retriever.files import atomic_write_text
+from raglora.errors import RagloraError
+from raglora.files import atomic_write_text, jsonl_text
 
 DATASET_VERSION = "2"
 SPLITS = ("train", "validation", "test")
@@ -28,10 +28,6 @@ KB_DIR = "kb"
 OUT_OF_KB_FILE = "eval/out_of_kb.jsonl"
 # General-knowledge categories of the packaged chatterbot corpus: questions no company's documents answer.
 GENERAL_KNOWLEDGE_CATEGORIES = ("trivia", "science", "history", "literature", "movies", "sports", "food", "politics")
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
 
 
 def split_stratified(
@@ -395,7 +391,7 @@ def write_datasets(out_dir: str | Path, files: dict[str, list[dict]], *, setting
     out = Path(out_dir)
     entries = {}
     for rel, rows in sorted(files.items()):
-        text = _jsonl(rows)
+        text = jsonl_text(rows)
         atomic_write_text(out / rel, text)
         entries[rel] = {"rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
     manifest = {

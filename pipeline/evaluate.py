@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from pipeline import metrics as M
 from pipeline.config import EvalConfig, EvalSet, resolve_eval_sets
-from retriever.errors import RagloraError
+from pipeline.sources import read_records
+from raglora.errors import RagloraError
 from retriever.evaluate import hit_ks, retrieval_hits
 
 KIND_DESCRIPTIONS = {
@@ -60,30 +61,6 @@ class TestSet:
     rows: list[dict]
     held_out_of: str | None = None  # the stage whose held-out split this is (held_out:<stage>), if any
     notes: list[str] = field(default_factory=list)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """JSONL (one object a line) or a JSON list of objects."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RagloraError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(rows, list):
-            raise RagloraError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise RagloraError(f"{path}: line {n} is not valid JSON") from None
-    bad = next((i for i, r in enumerate(rows, start=1) if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise RagloraError(f"{path}: row {bad} is not an object with question/answer or messages")
-    return rows
 
 
 def parse_row(row: dict) -> dict:
@@ -123,8 +100,8 @@ def load_test_set(spec: EvalSet, *, held_out_of: str | None = None) -> TestSet:
     fix = "run `raglora data`" + (f" (or fix eval.sets.{spec.name})" if held_out_of is None else "")
     if not path.is_file():
         raise RagloraError(f"eval set {spec.name!r}: {path} is missing: {fix}")
-    rows = [parse_row(r) for r in _read_rows(path)]
-    rows = [r for r in rows if r["question"]]
+    records = read_records(path) if path.read_bytes().strip() else []
+    rows = [r for r in (parse_row(r) for r in records) if r["question"]]
     if not rows:
         raise RagloraError(f"eval set {spec.name!r}: {path} has no questions: {fix}")
     kind, notes = spec.kind, []

@@ -33,7 +33,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.generate")
 

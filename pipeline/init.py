@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.sources import SourceReport, load_source
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 CONFIG_NAME = "raglora.yaml"
 LANGUAGE_SAMPLE = 200  # texts fed to language detection
@@ -325,7 +325,7 @@ def init_project(
         language=lang, subdomain=sub, base=base,
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    from retriever.files import atomic_write_text
+    from raglora.files import atomic_write_text
 
     tmp = out_dir / f".{CONFIG_NAME}.check"
     tmp.write_text(text, encoding="utf-8")

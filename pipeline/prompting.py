@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def control_tokens(tokenizer) -> tuple[str, ...]:

@@ -54,7 +54,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.metrics import metric_definition
-from retriever.files import atomic_write_text
+from raglora.files import atomic_write_text
 
 # Headline metric groups, one chart each; metrics outside every group are charted together as "Other".
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {

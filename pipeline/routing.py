@@ -7,7 +7,7 @@ trained stage name (names may contain '-' or '.'); the names come from the train
 
 from __future__ import annotations
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 MODES = ("base", "rag", "lora", "rag+lora")
 RAG_MODES = ("rag", "rag+lora")

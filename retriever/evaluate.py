@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Sequence
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 Gold = str | Collection[str] | None
 

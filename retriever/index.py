@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from raglora.errors import RagloraError
+from raglora.files import file_sha256
 from retriever.chunking import Chunk, chunk_documents
 from retriever.documents import load_documents
 from retriever.embedder import Embedder, normalise
-from retriever.errors import RagloraError
-from retriever.files import file_sha256
 from retriever.search import DEFAULT_LANGUAGE, DEFAULTS, Hit, build_bm25, language_warning, normalise_language
 from retriever.search import search as run_search
 

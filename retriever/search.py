@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raglora.errors import RagloraError
 from retriever.chunking import Chunk
 from retriever.config import RetrievalConfig
-from retriever.errors import RagloraError
 
 log = logging.getLogger("raglora.search")
 

@@ -22,7 +22,7 @@ from pipeline.api.routers import chat, conversations, models, ops, web
 from pipeline.api.security import BodySizeLimit, KeyRing, RateLimiter
 from pipeline.api.settings import ServeConfig, is_loopback
 from pipeline.service import build_service, serve_config
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.api")
 

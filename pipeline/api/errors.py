@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.answer import UnknownModel
 from pipeline.store import ConversationNotFound, StoreError
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.api")
 

@@ -9,7 +9,7 @@ from finetune.prompt import build_messages, load_system_prompt
 from pipeline.answer import condense_query, wants_human
 from pipeline.redact import redact
 from pipeline.store import ConversationNotFound, ConversationStore, owner_of
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from helpers import chat_body, make_service, serve_settings
 
 from pipeline.api.app import create_app
 from pipeline.api.settings import ServeConfig
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def sse_events(text: str) -> list[str]:

@@ -19,7 +19,7 @@ from pipeline.evaluate import (
     score_records,
 )
 from pipeline.report import render_markdown
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 STAGES = ("basics", "heat-pumps")
 NO_GOLD = {

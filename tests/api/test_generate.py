@@ -9,7 +9,7 @@ from helpers import STAGES, prompt_ids
 from tiny_model import make_tiny_model, make_tiny_tokenizer
 
 from pipeline.generate import Generator, SamplingParams, StageModels, discover_stages
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 QUESTIONS = ["hello", "Do I need a building permit for an extension?", "What does a permit cost in Stockholm, roughly?"]
 

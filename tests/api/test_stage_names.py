@@ -11,7 +11,7 @@ from helpers import make_service, make_stage_adapters, serve_settings
 from pipeline.api.app import create_app
 from pipeline.generate import StageInfo, deepest_stage, discover_stages, order_stages
 from pipeline.routing import UnknownModel
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 CHAIN = ("basics", "heat-pumps", "heat-pumps.boilers")
 

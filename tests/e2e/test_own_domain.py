@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_model import save_tiny_model
 
 from pipeline.cli import main
-from tiny_model import save_tiny_model
 
 ACME = Path(__file__).resolve().parents[1] / "fixtures" / "acme"
 REPO = Path(__file__).resolve().parents[2]

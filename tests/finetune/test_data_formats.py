@@ -6,7 +6,7 @@ import pytest
 from ft_helpers import write_jsonl
 
 from finetune.data import detect_format, load_examples, to_messages
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def test_detects_and_converts_openai_messages():

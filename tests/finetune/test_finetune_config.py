@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from finetune.config import FinetuneConfig, LoraOverride, ModelConfig, StageConfig, resolve_lora
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def test_defaults_have_no_stages_and_time_based_checkpoints():

@@ -13,7 +13,7 @@ from finetune.config import LoraSettings
 from finetune.data import collate, tokenize_conversation
 from finetune.model import apply_method, check_4bit, count_parameters, load_base, make_peft_config, resolve_device
 from finetune.train import CausalLMLoss
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def _batch(tok):
@@ -110,7 +110,7 @@ def test_missing_model_path_and_unknown_names_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RagloraError, match="no config.json"):
         load_base(str(tmp_path / "empty"), cache_dir=tmp_path)
-    with pytest.raises(RagloraError, match="unknown packaged model"):
+    with pytest.raises(RagloraError, match="unknown packaged generator"):
         load_base("packaged:gpt-17", cache_dir=tmp_path)
     with pytest.raises(RagloraError, match="could not load"):
         load_base("nobody-owns-this/model-xyz", cache_dir=tmp_path)  # offline: not in the HF cache

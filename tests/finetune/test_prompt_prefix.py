@@ -13,7 +13,7 @@ from finetune.prompt import (
     chat_ids,
     load_system_prompt,
 )
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 CONTEXTS = [
     {"title": "bygglov", "text": "A bygglov is a building permit."},

@@ -11,7 +11,7 @@ from ft_helpers import tiny_cfg, tiny_model_cfg, write_jsonl
 import finetune.train as train_mod
 from finetune.stages import run_finetune
 from finetune.train import TrainingInterrupted
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def _log(adapters, stage):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from finetune.merge import merge_stages
 from finetune.model import load_for_inference, load_merged_chain
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 IDS = torch.tensor([[1, 40, 41, 42, 2, 201, 1, 50, 51, 52, 53]])
 

@@ -14,7 +14,7 @@ from finetune.data import IGNORE_INDEX, collate, load_examples, tokenize_text
 from finetune.model import load_tokenizer
 from finetune.stages import _tokenize_all, run_finetune
 from finetune.train import checkpoint_due
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 DOCS = [
     {"id": "manual-1", "text": "A friggebod or attefallshus can often be built without a permit.", "source": "m.md",

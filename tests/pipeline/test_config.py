@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import dump_config, load_config
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.datasets import datasets_from_config, split_stratified, write_datasets
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "configs" / "default.yaml"

@@ -9,7 +9,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.datasets import datasets_from_config
 from pipeline.init import detect_language, init_project
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 ACME = Path(__file__).resolve().parents[1] / "fixtures" / "acme"
 

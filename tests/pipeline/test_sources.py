@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.datasets import collapse_duplicates
 from pipeline.sources import detect_fields, load_source, read_records
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 
 def _write(tmp_path, name, text):

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from pipeline.api.app import create_app
 from pipeline.cli import main as cli_main
 from pipeline.store import ConversationStore, StoreError
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 from retriever.index import IndexWriteError, build_index, load_index
 
 SETTINGS = {"chunk_size": 300, "chunk_overlap": 30, "show_progress": False}

@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE.parent / "finetune"))
 from ft_helpers import write_stage_data  # noqa: E402
 from tiny_model import save_tiny_model  # noqa: E402
 
-from retriever.files import file_sha256  # noqa: E402
+from raglora.files import file_sha256  # noqa: E402
 
 
 def _config(tmp_path: Path) -> Path:
@@ -85,7 +85,7 @@ def test_sigkill_mid_stage_keeps_finished_stages_and_resume_continues(tmp_path):
 
 def test_corrupt_adapter_files_are_errors_naming_the_file(tmp_path):
     from finetune.model import load_for_inference
-    from retriever.errors import RagloraError
+    from raglora.errors import RagloraError
 
     cfg = _config(tmp_path)
     proc = _run(cfg)

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from finetune.data import load_examples
 from finetune.prompt import CONTEXT_BEGIN, CONTEXT_END, build_messages
 from pipeline import metrics
+from raglora.errors import RagloraError
 from retriever.chunking import chunk_documents
 from retriever.documents import Document, load_documents
-from retriever.errors import RagloraError
 
 PROPS = settings(
     max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

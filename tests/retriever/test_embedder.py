@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from fake_embedder import FakeEmbedder
 
+from raglora.errors import RagloraError
 from retriever.embedder import Embedder, load_embedder, normalise, resolve_model_path
-from retriever.errors import RagloraError
 
 
 def test_fake_embedder_satisfies_the_protocol_and_is_deterministic():

@@ -1,6 +1,6 @@
 import pytest
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 from retriever.evaluate import retrieval_metrics
 from retriever.search import reciprocal_rank_fusion
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 from retriever.index import build_index, load_index
 from retriever.search import reciprocal_rank_fusion
 

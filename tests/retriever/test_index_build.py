@@ -5,7 +5,7 @@ import pytest
 from fake_embedder import FakeEmbedder
 from kb_helpers import GUIDE_MD, faq_rows, write_jsonl
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 from retriever.index import build_index, load_index
 
 SETTINGS = {"chunk_size": 300, "chunk_overlap": 30, "show_progress": False}

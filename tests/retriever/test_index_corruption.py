@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 from retriever.index import build_index, load_index
 
 SETTINGS = {"chunk_size": 300, "chunk_overlap": 30, "show_progress": False}

@@ -3,8 +3,8 @@ import json
 import pytest
 from kb_helpers import make_pdf, write_jsonl
 
+from raglora.errors import RagloraError
 from retriever.documents import load_documents
-from retriever.errors import RagloraError
 
 
 def test_markdown_is_split_into_sections_titled_by_heading(tmp_path):

@@ -22,7 +22,7 @@ from pipeline.api.schemas import ChatCompletion, ChatRequest, chunk_body, comple
 from pipeline.api.settings import ServeConfig
 from pipeline.generate import GenerationHandle, SamplingParams
 from pipeline.store import StoreError
-from retriever.errors import RagloraError
+from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.api")
 
