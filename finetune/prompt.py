@@ -52,6 +52,21 @@ def load_system_prompt(
     return text.replace("{name}", name).replace("{description}", describe_company(description))
 
 
+def system_prompts(
+    system_file: str | Path | None,
+    rag_system_file: str | Path | None,
+    *,
+    name: str = DEFAULT_COMPANY,
+    description: str = "",
+) -> dict[str, str]:
+    """{"plain", "rag"}: the closed-book and RAG system prompts with the persona filled in; training, evaluation
+    and serving all render these two."""
+    return {
+        "plain": load_system_prompt(system_file, False, name=name, description=description),
+        "rag": load_system_prompt(rag_system_file, True, name=name, description=description),
+    }
+
+
 def describe_company(description: str | None) -> str:
     """The `{description}` text that follows the company name in "... assistant of {name}{description}. ...".
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import inspect
 import json
 import logging
 import shutil
@@ -52,7 +51,7 @@ from finetune.model import (
     resolve_dtype,
     stage_dir,
 )
-from finetune.prompt import REFUSAL_ANSWER, load_system_prompt
+from finetune.prompt import REFUSAL_ANSWER, system_prompts
 from finetune.train import (
     CausalLMLoss,
     evaluate_loss,
@@ -116,20 +115,6 @@ def _index_digest(index, index_dir) -> str | None:
         return file_sha256(Path(index_dir) / "manifest.json")
     manifest = getattr(index, "manifest", None)
     return _digest(manifest) if manifest is not None else type(index).__name__
-
-
-def system_prompts(model_cfg: ModelConfig, *, company_name: str, company_description: str) -> dict[str, str]:
-    """{"plain", "rag"}: the system prompts training renders, with the company's name and description filled in."""
-    kw: dict[str, str] = {}
-    params = inspect.signature(load_system_prompt).parameters
-    if "name" in params:
-        kw["name"] = company_name
-    if "description" in params:
-        kw["description"] = company_description
-    return {
-        "plain": load_system_prompt(model_cfg.system_prompt_file, with_context=False, **kw),
-        "rag": load_system_prompt(model_cfg.rag_system_prompt_file, with_context=True, **kw),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- run context
@@ -239,7 +224,12 @@ def run_finetune(
         cfg=cfg,
         model_cfg=model_cfg,
         tok=tok,
-        prompts=system_prompts(model_cfg, company_name=company_name, company_description=company_description),
+        prompts=system_prompts(
+            model_cfg.system_prompt_file,
+            model_cfg.rag_system_prompt_file,
+            name=company_name,
+            description=company_description,
+        ),
         base_path=base_path,
         data_dir=Path(data_dir),
         adapters_dir=Path(adapters_dir),

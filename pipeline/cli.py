@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.api.settings import MODES
 from raglora.errors import RagloraError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -315,9 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: serve.port)")
 
     p = add("chat", cmd_chat, "Chat with the bot in the terminal (/mode, /stage, /new, /sources, /quit).")
-    p.add_argument(
-        "--mode", choices=["base", "rag", "lora", "rag+lora"], help="answer mode (default: serve.default_mode)"
-    )
+    p.add_argument("--mode", choices=list(MODES), help="answer mode (default: serve.default_mode)")
     p.add_argument("--stage", help="adapter stage (default: the deepest trained stage)")
     p.add_argument("--max-tokens", type=int, help="maximum new tokens per answer")
 

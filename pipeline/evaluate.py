@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from pipeline import metrics as M
 from pipeline.config import EvalConfig, EvalSet, resolve_eval_sets
+from pipeline.routing import LORA_MODES, RAG_MODES
 from pipeline.sources import read_records
 from raglora.errors import RagloraError
 from retriever.evaluate import hit_ks, retrieval_hits
@@ -159,7 +160,7 @@ def plan_arms(
                 skipped[arm] = no_index
             else:
                 arms[arm] = {"mode": arm, "stage": None, "oracle": False}
-        elif arm in ("lora", "rag+lora"):
+        elif arm in LORA_MODES:
             if not stages:
                 skipped[arm] = no_adapters
             for stage in stages:
@@ -461,7 +462,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
     results_arms: dict[str, dict] = {name: {"skipped": why} for name, why in skipped.items()}
     t_start = time.perf_counter()
     for name, arm in arms.items():
-        rag = arm["mode"] in ("rag", "rag+lora")
+        rag = arm["mode"] in RAG_MODES
         records: list[dict] = []
         t0 = time.perf_counter()
         for ts in sets:

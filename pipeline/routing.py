@@ -7,9 +7,9 @@ trained stage name (names may contain '-' or '.'); the names come from the train
 
 from __future__ import annotations
 
+from pipeline.api.settings import MODES
 from raglora.errors import RagloraError
 
-MODES = ("base", "rag", "lora", "rag+lora")
 RAG_MODES = ("rag", "rag+lora")
 LORA_MODES = ("lora", "rag+lora")
 MODEL_PREFIX = "raglora"

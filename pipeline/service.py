@@ -43,22 +43,6 @@ def package_versions() -> dict:
     return out
 
 
-def system_prompts(cfg) -> tuple[str, str]:
-    """(closed-book, RAG) system prompts: the configured files (or the packaged templates) with the persona."""
-    from finetune.prompt import DEFAULT_COMPANY, load_system_prompt
-
-    project = getattr(cfg, "project", None)
-    persona = {
-        "name": getattr(project, "name", None) or DEFAULT_COMPANY,
-        "description": getattr(project, "description", None) or "",
-    }
-    # The same prompt files and persona as training and evaluation (model.system_prompt_file, ...).
-    return (
-        load_system_prompt(getattr(cfg.model, "system_prompt_file", None), False, **persona),
-        load_system_prompt(getattr(cfg.model, "rag_system_prompt_file", None), True, **persona),
-    )
-
-
 def build_service(
     cfg,
     *,
@@ -106,7 +90,16 @@ def build_service(
     versions = package_versions()
     versions["base_model"] = getattr(cfg.model, "base", None)
     versions["stages"] = models.stage_names
-    system_prompt, rag_system_prompt = system_prompts(cfg)
+    from finetune.prompt import system_prompts
+
+    # The same prompt files and persona as training and evaluation.
+    prompts = system_prompts(
+        cfg.model.system_prompt_file,
+        cfg.model.rag_system_prompt_file,
+        name=cfg.project.name,
+        description=cfg.project.description,
+    )
+    system_prompt, rag_system_prompt = prompts["plain"], prompts["rag"]
     store = None
     try:
         store = ConversationStore(serve.db_path) if with_store else None

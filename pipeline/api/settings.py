@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Mode = Literal["base", "rag", "lora", "rag+lora"]
-MODES: tuple[str, ...] = ("base", "rag", "lora", "rag+lora")
+MODES: tuple[str, ...] = get_args(Mode)  # the one list of answer modes (pipeline.routing explains them)
 
 
 class ServeConfig(BaseModel):
