@@ -13,6 +13,7 @@ names or given as `question_field`/`answer_field`/...), `alpaca`, `sharegpt` and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -91,6 +92,7 @@ NOT_A_FIELD = {"name", "email", "mail", "phone", "date", "time", "created", "upd
 FORMATS = ("qa", "alpaca", "sharegpt", "messages")
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 SAMPLE_BYTES = 64 * 1024  # csv.Sniffer looks at this much of a CSV file
+DELIMITERS = ",;\t|"
 
 
 @dataclass
@@ -168,22 +170,45 @@ def _json_records(text: str, p: Path) -> list[dict]:
 
 
 def _csv_records(text: str, p: Path) -> list[dict]:
-    sample = text[:SAMPLE_BYTES]
-    try:
-        dialect = csv.Sniffer().sniff(sample, delimiters=",;\t|")
-    except csv.Error:
+    dialect = csv_dialect(text)
+    if dialect is None:
         raise RagloraError(
             f"{p}: cannot find the CSV delimiter (tried , ; tab |); check that the file has a header row and "
             "one row per question, or convert it to JSONL"
-        ) from None
+        )
     reader = csv.DictReader(io.StringIO(text), dialect=dialect)
-    if not reader.fieldnames or len(reader.fieldnames) < 2:
-        raise RagloraError(f"{p}: the CSV header has fewer than two columns ({reader.fieldnames})")
     try:
         rows = [{k: v for k, v in r.items() if k is not None} for r in reader]
     except csv.Error as exc:
         raise RagloraError(f"{p}: malformed CSV at line {reader.line_num}: {exc}") from None
     return rows
+
+
+def csv_dialect(text: str):
+    """The dialect `csv.Sniffer` finds, checked: the header must have two or more columns and most rows as many.
+    Sniffer can pick a wrong delimiter on prose-heavy rows (a comma inside answers), so when its choice fails
+    the check, each common delimiter is tried and the most consistent one wins. None: no delimiter fits."""
+    sample = text[:SAMPLE_BYTES]
+    if len(text) > SAMPLE_BYTES and "\n" in sample:
+        sample = sample[: sample.rindex("\n")]  # whole rows only
+    candidates = []
+    with contextlib.suppress(csv.Error):
+        candidates.append(csv.Sniffer().sniff(sample, delimiters=DELIMITERS))
+    candidates += [type("Guess", (csv.excel,), {"delimiter": d}) for d in DELIMITERS]
+    scores = [_consistency(sample, dialect) for dialect in candidates]
+    best = max(range(len(candidates)), key=lambda i: (scores[i], i == 0))  # ties go to the sniffed dialect
+    return candidates[best] if scores[best] >= 0.5 else None
+
+
+def _consistency(sample: str, dialect) -> float:
+    """Share of rows with as many fields as a header of two or more columns (0 when none)."""
+    try:
+        rows = [r for r in csv.reader(io.StringIO(sample), dialect=dialect) if any(c.strip() for c in r)]
+    except csv.Error:
+        return 0.0
+    if len(rows) < 2 or len(rows[0]) < 2:
+        return 0.0
+    return sum(len(r) == len(rows[0]) for r in rows[1:]) / (len(rows) - 1)
 
 
 # ---------------------------------------------------------------------------------------------- detecting

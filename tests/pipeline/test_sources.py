@@ -113,3 +113,11 @@ def test_near_duplicate_questions_collapse_across_sources_and_clashing_ids_are_r
 def test_json_object_holding_one_list_is_read(tmp_path):
     path = _write(tmp_path, "x.json", json.dumps({"items": [{"question": "Q?", "answer": "A."}]}))
     assert read_records(path) == [{"question": "Q?", "answer": "A."}]
+
+
+def test_csv_with_delimiters_inside_quoted_prose_keeps_its_columns(tmp_path):
+    text = 'question;answer;category\n"Is it open, today?";"Yes, 9-5, Monday; to Friday.";hours\n'
+    text += '"Price, per hour?";"450 kr, VAT; included.";prices\n"Why?";"Because, see below; ok.";misc\n'
+    rows, report = load_source(name="x", path=_write(tmp_path, "t.csv", text))
+    assert report.fields["category"] == "category" and [r["category"] for r in rows] == ["hours", "prices", "misc"]
+    assert rows[0]["answer"] == "Yes, 9-5, Monday; to Friday."
