@@ -65,28 +65,18 @@ FIELD_CANDIDATES = {
 }
 # Second pass, for headers such as "Customer wrote" or "Agent resolution": a word of the header names the role.
 FIELD_WORDS = {
-    "question": {
-        "question",
-        "questions",
-        "subject",
-        "title",
-        "prompt",
-        "query",
-        "wrote",
-        "message",
-        "issue",
-        "problem",
-        "request",
-        "inquiry",
-        "enquiry",
-        "ask",
-        "asked",
-    },  # fmt: skip
-    "answer": {"answer", "answers", "resolution", "response", "reply", "solution", "output", "resolved", "fix"},
+    "question": {"question", "questions", "subject", "title", "prompt", "query", "wrote", "message", "issue",
+                 "problem", "request", "inquiry", "enquiry", "ask", "asked",
+                 # the same in a few other languages (sv, da, no, de, es, it, nl, fi)
+                 "fråga", "spørgsmål", "spørsmål", "frage", "pregunta", "domanda", "vraag", "kysymys"},
+    "answer": {"answer", "answers", "resolution", "response", "reply", "solution", "output", "resolved", "fix",
+               "svar", "antwort", "réponse", "respuesta", "risposta", "antwoord", "vastaus", "lösning", "løsning"},
     "id": {"id", "no", "nr", "number", "ref", "key", "uuid"},
-    "category": {"category", "categories", "topic", "product", "queue", "type", "section", "group", "label", "area"},
-    "source": {"source", "document", "doc", "article", "page", "url", "link", "reference", "kb"},
-}
+    "category": {"category", "categories", "topic", "product", "queue", "type", "section", "group", "label", "area",
+                 "kategori", "kategorie", "catégorie", "categoría", "categoria", "categorie", "ämne", "thema"},
+    "source": {"source", "document", "doc", "article", "page", "url", "link", "reference", "kb",
+               "källa", "kilde", "quelle", "fuente", "fonte", "bron", "artikel", "dokument"},
+}  # fmt: skip
 # Headers with these words describe something else (who, when, how to reach them), never a role above.
 NOT_A_FIELD = {"name", "email", "mail", "phone", "date", "time", "created", "updated", "status", "priority"}
 FORMATS = ("qa", "alpaca", "sharegpt", "messages")
@@ -238,7 +228,7 @@ def detect_fields(columns: list[str], given: dict[str, str | None]) -> dict[str,
     for role, words in FIELD_WORDS.items():
         if out[role] is None:
             for col in columns:
-                tokens = set(re.findall(r"[a-z]+", col.lower()))
+                tokens = set(re.findall(r"[^\W\d_]+", col.lower()))
                 if col not in out.values() and tokens & words and not tokens & NOT_A_FIELD:
                     out[role] = col
                     break

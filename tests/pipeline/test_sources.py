@@ -34,6 +34,14 @@ def test_common_names_win_and_people_or_dates_are_never_mistaken_for_fields():
     fields = detect_fields(["customer_email", "created date", "Subject", "Resolution", "topic"], {})
     assert fields == {"question": "Subject", "answer": "Resolution", "id": None, "category": "topic", "source": None}
     assert detect_fields(["a", "b"], {"question": "b", "answer": "a"})["question"] == "b"
+    swedish = detect_fields(["Ärende-ID", "Kundens fråga", "Svar", "Kategori"], {})
+    assert swedish == {
+        "question": "Kundens fråga",
+        "answer": "Svar",
+        "id": "Ärende-ID",
+        "category": "Kategori",
+        "source": None,
+    }
 
 
 def test_alpaca_sharegpt_and_multi_turn_messages_are_detected(tmp_path):
