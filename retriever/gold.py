@@ -4,8 +4,11 @@ and by RAFT training (gold context, and keeping held-out rows' gold out of the d
 In this order:
   1. chunks whose `source` is the row's `source` or `id` (a Q/A knowledge base indexes each row under its id;
      a ticket may name the page that answers it: a path, a file name, a file stem or a section title);
-  2. otherwise the chunks that best contain the reference answer: the share of the answer's content words that
-     occur in the chunk must reach `min_overlap` (tests pin examples on both sides of the threshold).
+  2. otherwise the chunks that best contain the reference answer, judged on its *distinctive* words (three or more
+     letters, in at most 5 % of the chunks, or two chunks in a small corpus): the answer needs at least
+     `MIN_DISTINCTIVE` of them, and the chunk must hold `min_overlap` of them. Short or generic answers ("Yes.",
+     "I am not sure about that") therefore have no gold by content instead of matching half the corpus
+     (tests/retriever/test_gold.py pins examples on both sides).
 No match means "no defined gold": metrics that need one read n/a, not 0.
 """
 
@@ -16,8 +19,12 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import PurePosixPath
 
-#: Share of the reference answer's content words a chunk must contain to count as its gold passage.
+#: Share of the reference answer's distinctive words a chunk must contain to count as its gold passage.
 MIN_OVERLAP = 0.6
+#: Fewer distinctive words than this: the answer is too generic to pin to a passage.
+MIN_DISTINCTIVE = 4
+#: A word in more than this share of the chunks is common, not evidence (at least 2 chunks in a small corpus).
+COMMON_SHARE = 0.05
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -65,9 +72,10 @@ class GoldFinder:
         return []
 
     def by_content(self, answer: str | None) -> list[str]:
-        """Chunks holding at least `min_overlap` of the answer's content words, best first (ties: all kept)."""
-        words = content_words(answer or "")
-        if not words:
+        """Chunks holding at least `min_overlap` of the answer's distinctive words, best first (ties: all kept)."""
+        limit = max(2.0, COMMON_SHARE * len(self._words))
+        words = {w for w in content_words(answer or "") if len(self._postings.get(w, ())) <= limit}
+        if len(words) < MIN_DISTINCTIVE:
             return []
         hits: dict[str, int] = defaultdict(int)
         for w in words:
