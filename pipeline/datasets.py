@@ -18,14 +18,23 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.sources import SourceReport, detect_fields, load_source, normalise_question, read_records, stable_id
+from pipeline.sources import (
+    GENERAL_SOURCE,
+    OTHER_DOMAIN_SOURCE,
+    OUT_OF_KB_FILE,
+    SourceReport,
+    detect_fields,
+    load_source,
+    normalise_question,
+    read_records,
+    stable_id,
+)
 from raglora.errors import RagloraError
 from raglora.files import atomic_write_text, jsonl_text
 
 DATASET_VERSION = "2"
 SPLITS = ("train", "validation", "test")
 KB_DIR = "kb"
-OUT_OF_KB_FILE = "eval/out_of_kb.jsonl"
 # General-knowledge categories of the packaged chatterbot corpus: questions no company's documents answer.
 GENERAL_KNOWLEDGE_CATEGORIES = ("trivia", "science", "history", "literature", "movies", "sports", "food", "politics")
 
@@ -161,7 +170,12 @@ def text_stage_rows(docs: list[str], *, exclude: Path, chunk_size: int, chunk_ov
 
 
 def generic_out_of_kb(
-    project: dict[str, list[dict]], held_out_general: list[dict] | None, *, uses_faq: bool, seed: int, language: str
+    project: dict[str, list[dict]],
+    held_out_general: list[dict] | None,
+    *,
+    uses_other_domain: bool,
+    seed: int,
+    language: str,
 ) -> list[dict]:
     """Questions this project's documents do not answer, built from packaged data only:
     general-knowledge questions (chatterbot-corpus) and questions of another domain (the construction FAQ when the
@@ -179,7 +193,7 @@ def generic_out_of_kb(
 
     general_rows = held_out_general
     if general_rows is None:
-        general_rows, _ = _load(name="general", path="packaged:chatterbot-corpus", language=language)
+        general_rows, _ = _load(name="general", path=GENERAL_SOURCE, language=language)
     pool = sorted(
         {
             r["messages"][0]["content"].strip()
@@ -194,8 +208,8 @@ def generic_out_of_kb(
         {"id": f"general-knowledge-{i:03d}", "kind": "general-knowledge", "question": q}
         for i, q in enumerate(sorted(general))
     ]
-    if not uses_faq:
-        faq, _ = _load(name="construction-faq", path="packaged:construction-faq", language=language)
+    if not uses_other_domain:
+        faq, _ = _load(name="other-domain", path=OTHER_DOMAIN_SOURCE, language=language)
         other = sorted({r["question"] for r in faq if unrelated(r["question"])})
         picked = rng.sample(other, min(20, len(other)))
         rows += [
@@ -310,12 +324,12 @@ def build_datasets(
     if out_of_kb_file:
         files[OUT_OF_KB_FILE] = user_out_of_kb(out_of_kb_file)
     else:
-        general_sources = [s.name for s in sources if s.path == "packaged:chatterbot-corpus"]
+        general_sources = [s.name for s in sources if s.path == GENERAL_SOURCE]
         held_general = [r for n in general_sources for sp in ("validation", "test") for r in splits[n][sp]]
         files[OUT_OF_KB_FILE] = generic_out_of_kb(
             {s.name: per_source[s.name] for s in sources if s.name not in general_sources},
             held_general if general_sources else None,
-            uses_faq=any(s.path == "packaged:construction-faq" for s in sources),
+            uses_other_domain=any(s.path == OTHER_DOMAIN_SOURCE for s in sources),
             seed=seed,
             language=language,
         )

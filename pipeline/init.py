@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.sources import SourceReport, load_source
+from pipeline.sources import GENERAL_SOURCE, SourceReport, load_source
 from raglora.errors import RagloraError
 
 CONFIG_NAME = "raglora.yaml"
@@ -135,7 +135,7 @@ def render_config(
     qa_is_kb = not docs  # without documents, the Q/A answers are the knowledge base
     index_docs = [_rel(d, project) for d in docs] + (["data/kb"] if qa_is_kb and qa else [])
     src_lines = ["    - name: general                 # packaged general conversation: first stage and replay",
-                 "      path: packaged:chatterbot-corpus"]  # fmt: skip
+                 f"      path: {GENERAL_SOURCE}"]  # fmt: skip
     for rep in qa:
         src_lines += [
             f"    - name: {rep.name}",

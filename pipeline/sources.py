@@ -25,7 +25,6 @@ from pathlib import Path
 
 import yaml
 
-from finetune.data import to_messages
 from raglora.errors import RagloraError
 from raglora.files import read_jsonl
 
@@ -79,7 +78,6 @@ FIELD_WORDS = {
 }  # fmt: skip
 # Headers with these words describe something else (who, when, how to reach them), never a role above.
 NOT_A_FIELD = {"name", "email", "mail", "phone", "date", "time", "created", "updated", "status", "priority"}
-FORMATS = ("qa", "alpaca", "sharegpt", "messages")
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 SAMPLE_BYTES = 64 * 1024  # csv.Sniffer looks at this much of a CSV file
 DELIMITERS = ",;\t|"
@@ -302,6 +300,8 @@ def _row(rec: dict, fmt: str, fields: dict[str, str | None], where: str) -> dict
             raise RagloraError(f"{where}: empty {'question' if not question else 'answer'}")
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     else:
+        from finetune.data import to_messages  # imports torch: only for conversation formats
+
         messages = to_messages(rec, where)
         question, answer = _last_turn_qa(messages)
 
@@ -361,6 +361,14 @@ def _chatterbot_corpus(language: str) -> tuple[list[dict], str]:
 
 
 PACKAGED = {"construction-faq": _construction_faq, "chatterbot-corpus": _chatterbot_corpus}
+#: The packaged general conversation: a stage trained only on it is measured for forgetting, closed book, and its
+#: held-out general-knowledge questions feed the generic out-of-knowledge-base set.
+GENERAL_SOURCE = "packaged:chatterbot-corpus"
+#: Where `raglora data` writes the out-of-knowledge-base questions (under the data folder); `eval.sets` calls
+#: it `out_of_kb`.
+OUT_OF_KB_FILE = "eval/out_of_kb.jsonl"
+#: A packaged domain of its own, whose questions no other project's documents answer (unless the project uses it).
+OTHER_DOMAIN_SOURCE = "packaged:construction-faq"
 LICENSES = {"zaragoza-construction-faq": "CC BY 4.0", "chatterbot-corpus": "BSD-3-Clause"}
 
 
