@@ -109,6 +109,21 @@ def parse_subdomain(spec: str | None) -> tuple[str, list[str]] | None:
     return key.strip(), vals
 
 
+def _filter_field(name: str, reports: list[SourceReport]) -> str:
+    """The row field a `--subdomain FIELD=...` filter means: a mapped column ("Product line", any case) is its role
+    (category, source, id); another column of a Q/A file stays as it is; anything else is an error."""
+    for rep in reports:
+        for role, column in rep.fields.items():
+            if role in ("category", "source", "id") and column and name.lower() in (column.lower(), role):
+                return role
+    if any(name in rep.columns for rep in reports):
+        return name
+    if name == "category":
+        raise RagloraError("--subdomain category=...: the Q/A files have no category column (give --category-field)")
+    columns = sorted({c for rep in reports for c in rep.columns})
+    raise RagloraError(f"--subdomain: no column {name!r} in the Q/A files (columns: {', '.join(columns[:15])})")
+
+
 def _rel(path: str | Path, project: Path) -> str:
     return os.path.relpath(Path(path).resolve(), project.resolve())
 
@@ -304,21 +319,18 @@ def init_project(
         raise RagloraError(f"{target} already exists; pass --force to overwrite it")
     sub = parse_subdomain(subdomain)
     found = inspect_inputs(docs, qa, fields, fmt)
-    if sub and found.qa:
-        field_name, values = sub
-        if field_name == "category":  # other columns are checked against the rows by `raglora data`
-            seen = {c for rep in found.qa for c in rep.categories}
-            if not seen:
-                raise RagloraError(
-                    "--subdomain category=...: the Q/A files have no category column (give --category-field)"
-                )
-            unknown = [v for v in values if v not in seen]
-            if unknown:
-                raise RagloraError(
-                    f"--subdomain: categor{'y' if len(unknown) == 1 else 'ies'} {unknown} not in the data (seen: {', '.join(sorted(seen)[:15])})"
-                )
     if sub and not found.qa:
         raise RagloraError("--subdomain needs Q/A files (--qa) to split")
+    if sub:
+        sub = (_filter_field(sub[0], found.qa), sub[1])
+        if sub[0] == "category":
+            seen = {c for rep in found.qa for c in rep.categories}
+            unknown = [v for v in sub[1] if v not in seen]
+            if unknown:
+                raise RagloraError(
+                    f"--subdomain: categor{'y' if len(unknown) == 1 else 'ies'} {unknown} not in the data "
+                    f"(seen: {', '.join(sorted(seen)[:15])})"
+                )
     lang = language or found.language
     text = render_config(
         out_dir, name=name, description=description, docs=docs, qa=found.qa, fields=fields, fmt=fmt,

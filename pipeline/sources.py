@@ -95,6 +95,7 @@ class SourceReport:
     skipped: list[str] = field(default_factory=list)  # "row 7: empty answer", at most a few
     n_skipped: int = 0
     categories: dict[str, int] = field(default_factory=dict)
+    columns: list[str] = field(default_factory=list)  # of a qa file: what stage filters (`where`) can name
     sha256: str | None = None
     package: str | None = None  # for packaged sources: "name==version"
     license: str | None = None
@@ -256,7 +257,7 @@ def rows_from_records(
     fmt = detect_format(records, fmt)
     columns = list(dict.fromkeys(k for r in records[:200] for k in r))
     fields = detect_fields(columns, given)
-    report = SourceReport(name=name, path=path, format=fmt)
+    report = SourceReport(name=name, path=path, format=fmt, columns=columns if fmt == "qa" else [])
     if fmt == "qa":
         missing = [role for role in ("question", "answer") if not fields[role]]
         if missing:

@@ -76,6 +76,10 @@ def test_docs_only_project_gets_a_text_stage(tmp_path):
             r"--subdomain: category \['saunas'\] not in the data",
         ),
         (["--qa", "{acme}/tickets.csv", "--subdomain", "category"], r"--subdomain expects FIELD=VALUE"),
+        (
+            ["--qa", "{acme}/tickets.csv", "--subdomain", "colour=red"],
+            r"--subdomain: no column 'colour' in the Q/A files \(columns: Agent resolution, ",
+        ),
         (["--qa", "{acme}/tickets.csv", "--question-field", "Subject"], r"question_field 'Subject' is not a column"),
         ([], r"give documents \(--docs\) or Q/A files \(--qa\)"),
     ],
@@ -101,3 +105,11 @@ def test_text_stage_without_documents_and_duplicate_stage_names_are_clear_errors
         datasets_from_config(cfg)
     with pytest.raises(RagloraError, match=r"duplicate stage names \['general'\]"):
         load_config(target, ["finetune.stages.1.name=general"])
+
+
+def test_subdomain_may_name_the_mapped_column_in_any_case(tmp_path):
+    target, _ = init_project(
+        tmp_path, docs=[], qa=[str(ACME / "tickets.csv")], name="Acme", subdomain="product LINE=boilers"
+    )
+    cfg = load_config(target)
+    assert cfg.finetune.stages[2].where == {"category": ["boilers"]}
