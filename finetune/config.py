@@ -1,7 +1,7 @@
 """Typed settings for the base model and the sequential LoRA stages (the `model:` and `finetune:` sections).
 
-The defaults are sized so that the whole 3-stage run on SmolLM2-135M finishes in roughly ten minutes on a
-2-core CPU (bounded `max_steps` per stage, `max_length` 384); on a GPU raise `max_steps`/`epochs`.
+A project lists its own stages (`raglora init` writes them; configs/default.yaml is the demo's three, sized so
+that the run on SmolLM2-135M takes minutes on a 2-core CPU); on a GPU raise `max_steps`/`epochs`.
 """
 
 from __future__ import annotations

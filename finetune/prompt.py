@@ -24,10 +24,16 @@ QUESTION_PREFIX = "Question: "
 #: The company name a prompt uses when the project names none (`project.name`).
 DEFAULT_COMPANY = "our company"
 
-#: What the model is trained to say (raft_no_gold_target="refusal") when the context lacks the answer.
+#: Default reply when the documents do not cover the question (`project.no_answer_reply`): serving's hand-off on a
+#: low retrieval score, and the training target of distractor-only RAFT rows with raft_no_gold_target="refusal".
 REFUSAL_ANSWER = (
-    "I'm sorry, I don't have that information in the material available to me. "
-    "Would you like me to connect you with one of my human colleagues?"
+    "I'm sorry, I can't find that in our documentation, so I'm handing you over to a colleague in our "
+    "customer-service team who can help. They will see this conversation."
+)
+#: Default reply when the customer asks for a person (`project.handoff_reply`).
+HANDOFF_REPLY = (
+    "I'll hand you over to a colleague in our customer-service team; they will pick up this conversation "
+    "shortly and can see everything we have discussed."
 )
 
 

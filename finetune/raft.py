@@ -10,11 +10,13 @@ no-answer reply instead (matches the RAG system prompt's instruction).
 
 Gold passage of a row: `retriever.gold.GoldFinder` (chunks whose source is the row's `source`/id, else the
 chunk that best contains the answer); when none is found, the row's own answer stands in (counted as
-`gold_fallback`). No chunk in `exclude_chunks` (the gold chunks of held-out validation/test rows) is ever
-shown: not as a distractor, and not as a training row's gold passage either (a near-duplicate answer can make a
-held-out row's chunk, question included, the content match of a training row; the row's own answer then stands
-in, counted as `gold_withheld_held_out`). So no held-out question or answer reaches a training prompt through
-RAFT. Distractors are never the row's own gold chunks either.
+`gold_fallback`). No chunk in `exclude_chunks` (the gold chunks of held-out validation/test rows) is ever a
+distractor. A chunk in `withhold_chunks` (a held-out row's own Q/A chunk: it *is* the held-out answer) is never
+shown at all, not even as a training row's gold passage (a near-duplicate answer can make it the content match
+of a training row; the row's own answer then stands in, counted as `gold_withheld_held_out`). A document
+passage that a held-out row also cites stays usable as a training row's gold: it is knowledge, not the held-out
+answer. So no held-out question or answer reaches a training prompt through RAFT. Distractors are never the
+row's own gold chunks either.
 """
 
 from __future__ import annotations
@@ -57,8 +59,13 @@ def find_gold(finder, example: dict) -> tuple[list[str], str | None]:
     return (ids, "content") if ids else ([], None)
 
 
+def held_out_row_chunks(finder, rows: Iterable[dict]) -> set[str]:
+    """The chunks that hold a held-out row itself (a Q/A knowledge base indexes each row under its id)."""
+    return {c for row in rows for c in finder.by_id(row.get("id"))}
+
+
 def held_out_gold_chunks(finder, rows: Iterable[dict]) -> set[str]:
-    """Every chunk that is gold for one of the held-out rows (never to be shown in a training prompt)."""
+    """Every chunk that is gold for one of the held-out rows (never a RAFT distractor)."""
     out: set[str] = set()
     for row in rows:
         out.update(find_gold(finder, row)[0])
@@ -80,12 +87,14 @@ def build_raft_examples(
     fits: Callable[[list[dict]], bool] | None = None,
     gold_finder=None,
     exclude_chunks: Iterable[str] = (),
+    withhold_chunks: Iterable[str] | None = None,
     refusal_answer: str = REFUSAL_ANSWER,
 ) -> tuple[list[dict], dict]:
     """Examples with RAFT conversations in "messages" (others unchanged) and counts of what was built.
 
     Eligible examples are single-turn rows with question and answer. `gold_finder` (default: a GoldFinder over
-    `index.chunks`) locates each row's gold chunks; `exclude_chunks` are chunk ids never shown in a prompt.
+    `index.chunks`) locates each row's gold chunks; `exclude_chunks` are never distractors, `withhold_chunks`
+    (default: all of `exclude_chunks`) are never shown at all.
     `fits(messages)` (optional) says whether a conversation fits the token budget; distractors are dropped
     one at a time until it does, so the gold passage and the answer are never truncated away.
     """
@@ -95,13 +104,19 @@ def build_raft_examples(
     finder = gold_finder if gold_finder is not None else GoldFinder(chunks)
     by_id = {_chunk_id(c): c for c in chunks}
     excluded = set(exclude_chunks)
+    withheld = excluded if withhold_chunks is None else set(withhold_chunks)
     rng = random.Random(f"raft:{seed}")
     eligible = [i for i, e in enumerate(examples) if e.get("question") and e.get("answer")]
     chosen = sorted(rng.sample(eligible, round(fraction * len(eligible))))
     no_gold = set(rng.sample(chosen, round(p_no_gold * len(chosen))))
     stats = {"raft_examples": 0, "with_gold": 0, "without_gold": 0, "gold_from_index": 0, "distractors": 0}
     stats.update(gold_by_source=0, gold_by_content=0, gold_fallback=0, gold_withheld_held_out=0)
-    stats.update(excluded_gold_chunks=len(excluded), skipped_held_out_distractors=0, dropped_distractors_for_length=0)
+    stats.update(
+        excluded_gold_chunks=len(excluded),
+        withheld_chunks=len(withheld),
+        skipped_held_out_distractors=0,
+        dropped_distractors_for_length=0,
+    )
     out = [dict(e) for e in examples]
     for i in chosen:
         ex = examples[i]
@@ -124,7 +139,7 @@ def build_raft_examples(
             known = {**by_id, **{_chunk_id(h.chunk): h.chunk for h in hits}}
             ranked = [_chunk_id(h.chunk) for h in hits if _chunk_id(h.chunk) in own] + gold_ids  # best-ranked first
             usable = [c for c in ranked if c in known]
-            gold_chunk = next((known[c] for c in usable if c not in excluded), None)
+            gold_chunk = next((known[c] for c in usable if c not in withheld), None)
             if gold_chunk is not None:
                 gold = _ctx(gold_chunk, context_chars)
                 stats["gold_from_index"] += 1

@@ -148,14 +148,16 @@ class RunContext:
             self.index = _open_index(self.index_dir, stage)
         return self.index
 
-    def held_out_gold(self) -> tuple[Any, set[str]]:
-        """(GoldFinder over the index, ids of every chunk that is gold for a held-out row of any chat stage)."""
+    def held_out_gold(self) -> tuple[Any, set[str], set[str]]:
+        """(GoldFinder over the index, ids of every chunk that is gold for a held-out row of any chat stage, ids of
+        the chunks that hold a held-out row itself)."""
         if self._gold is None:
-            from finetune.raft import held_out_gold_chunks
+            from finetune.raft import held_out_gold_chunks, held_out_row_chunks
             from retriever.gold import GoldFinder
 
             finder = GoldFinder(getattr(self.index, "chunks", None) or [])
-            self._gold = (finder, held_out_gold_chunks(finder, held_out_rows(self.cfg, self.data_dir)))
+            rows = held_out_rows(self.cfg, self.data_dir)
+            self._gold = (finder, held_out_gold_chunks(finder, rows), held_out_row_chunks(finder, rows))
         return self._gold
 
 
@@ -267,11 +269,11 @@ def _run_stage(ctx: RunContext, i: int, stage: StageConfig) -> dict:
 
     # data, and the hash of everything that shapes the stage
     train_rows, replay, data_files = stage_rows(i, stage, cfg=ctx.cfg, data_dir=ctx.data_dir, cache=ctx.train_cache)
-    finder, exclude = None, set()
+    finder, exclude, withhold = None, set(), set()
     if stage.raft:
         ctx.raft_index(stage)
-        finder, exclude = ctx.held_out_gold()
-    config_hash = _config_hash(ctx, stage, lora, chain, data_files, exclude)
+        finder, exclude, withhold = ctx.held_out_gold()
+    config_hash = _config_hash(ctx, stage, lora, chain, data_files, exclude | {f"withhold:{c}" for c in withhold})
     existing = _read_json(out_dir / MANIFEST)
     if existing and existing.get("config_hash") == config_hash and not ctx.force:
         _say(ctx.accelerator, f"stage {stage.name}: already trained with this configuration, skipping ({out_dir})")
@@ -279,7 +281,7 @@ def _run_stage(ctx: RunContext, i: int, stage: StageConfig) -> dict:
     train_examples, raft_stats, tok_stats = stage_examples(
         stage, train_rows, replay, seed=ctx.cfg.seed, tok=ctx.tok, prompts=ctx.prompts,
         max_length=ctx.model_cfg.max_length, index=ctx.index, gold_finder=finder, exclude_chunks=exclude,
-        refusal_answer=ctx.no_answer_reply,
+        withhold_chunks=withhold, refusal_answer=ctx.no_answer_reply,
     )  # fmt: skip
     val_sets = {s.name: _stage_val_examples(ctx, s) for s in ctx.cfg.stages[: i + 1]}
     _say(
@@ -551,7 +553,7 @@ def _kind_error(stage: StageConfig, path: Path, rows: list[dict]) -> str | None:
         if stage.kind == "text":
             return (
                 f"stage {stage.name} (kind: text): no document chunks in {path}; a text stage trains on the "
-                "documents of the project's docs sources: add one to data.sources and rerun `raglora data`"
+                "chunks of the documents in index.docs: add a folder there and rerun `raglora data`"
             )
         return f"stage {stage.name}: no training rows in {path}; check its sources/where and rerun `raglora data`"
     if stage.kind == "text" and texts < len(rows):
@@ -602,11 +604,13 @@ def stage_examples(
     index,
     gold_finder=None,
     exclude_chunks=(),
+    withhold_chunks=None,
     refusal_answer: str = REFUSAL_ANSWER,
 ) -> tuple[list[dict], dict | None, dict]:
     """Tokenized training examples exactly as the stage trains on them (RAFT contexts added when configured).
 
-    `exclude_chunks`: chunk ids never used as RAFT distractors (the gold chunks of held-out rows).
+    `exclude_chunks`: chunk ids never used as RAFT distractors (the gold chunks of held-out rows);
+    `withhold_chunks`: chunk ids never shown at all (held-out rows' own chunks; default: all of exclude_chunks).
     """
     examples = list(rows)
     raft_stats = None
@@ -631,6 +635,7 @@ def stage_examples(
             fits=fits,
             gold_finder=gold_finder,
             exclude_chunks=exclude_chunks,
+            withhold_chunks=withhold_chunks,
             refusal_answer=refusal_answer,
         )
     train_examples, tok_stats = _tokenize_all(tok, examples + replay, prompts["plain"], max_length)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.config import FinetuneConfig, ModelConfig
+from finetune.prompt import HANDOFF_REPLY, REFUSAL_ANSWER
 from pipeline.api.settings import ServeConfig
 from pipeline.sources import GENERAL_SOURCE, OUT_OF_KB_FILE
 from raglora.errors import RagloraError
@@ -44,17 +45,9 @@ class ProjectConfig(BaseModel):
     name: str = Field("our company", min_length=1)  # e.g. "Acme Heating"
     description: str = ""  # one line on what the company does, e.g. "installs heat pumps and boilers"
     # Said when the documents do not cover the question (serving's hand-off and refusal training targets).
-    no_answer_reply: str = Field(
-        "I'm sorry, I can't find that in our documentation, so I'm handing you over to a colleague in our "
-        "customer-service team who can help. They will see this conversation.",
-        min_length=1,
-    )
+    no_answer_reply: str = Field(REFUSAL_ANSWER, min_length=1)
     # Said when the customer asks for a person.
-    handoff_reply: str = Field(
-        "I'll hand you over to a colleague in our customer-service team; they will pick up this conversation "
-        "shortly and can see everything we have discussed.",
-        min_length=1,
-    )
+    handoff_reply: str = Field(HANDOFF_REPLY, min_length=1)
 
 
 class SourceConfig(BaseModel):

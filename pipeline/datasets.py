@@ -325,7 +325,8 @@ def build_datasets(
         files[OUT_OF_KB_FILE] = user_out_of_kb(out_of_kb_file)
     else:
         general_sources = [s.name for s in sources if s.path == GENERAL_SOURCE]
-        held_general = [r for n in general_sources for sp in ("validation", "test") for r in splits[n][sp]]
+        # validation rows only: the test rows are the general eval set, where an answer is expected
+        held_general = [r for n in general_sources for r in splits[n]["validation"]]
         files[OUT_OF_KB_FILE] = generic_out_of_kb(
             {s.name: per_source[s.name] for s in sources if s.name not in general_sources},
             held_general if general_sources else None,
@@ -403,6 +404,8 @@ def leak_check(files: dict[str, list[dict]], stages: list) -> dict:
 def write_datasets(out_dir: str | Path, files: dict[str, list[dict]], *, settings: dict, info: dict) -> dict:
     """Write every file atomically plus `manifest.json` (version, sources, settings, counts, hashes, leak check)."""
     out = Path(out_dir)
+    old = out / "manifest.json"
+    stale = set(json.loads(old.read_text(encoding="utf-8")).get("files", {})) - set(files) if old.is_file() else set()
     entries = {}
     for rel, rows in sorted(files.items()):
         text = jsonl_text(rows)
@@ -416,4 +419,6 @@ def write_datasets(out_dir: str | Path, files: dict[str, list[dict]], *, setting
         "leak_check": info["leak_check"],
     }
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    for rel in sorted(stale):  # written by an earlier config (a renamed stage, a source no longer kb: true)
+        (out / rel).unlink(missing_ok=True)
     return manifest

@@ -10,18 +10,11 @@ from __future__ import annotations
 
 import re
 
-DEFAULT_LANGUAGE = "en"
+# The default replies live with the prompts; a project sets project.handoff_reply / no_answer_reply.
+from finetune.prompt import HANDOFF_REPLY  # noqa: F401
+from finetune.prompt import REFUSAL_ANSWER as LOW_SCORE_REPLY  # noqa: F401
 
-#: Default reply when the user asks for a person (a project sets `project.handoff_reply`).
-HANDOFF_REPLY = (
-    "I'll hand you over to a colleague in our customer-service team; they will pick up this conversation "
-    "shortly and can see everything we have discussed."
-)
-#: Default reply when retrieval finds nothing relevant (a project sets `project.no_answer_reply`).
-LOW_SCORE_REPLY = (
-    "I couldn't find an answer to that in our documentation, so I'm handing you over to a colleague in our "
-    "customer-service team who can help. They will see this conversation."
-)
+DEFAULT_LANGUAGE = "en"
 
 ASKED_FOR_PERSON = "user asked for a person"
 

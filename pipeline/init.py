@@ -8,12 +8,14 @@ configs/default.yaml, complete and commented, with every output path inside DIR.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from finetune.prompt import HANDOFF_REPLY, REFUSAL_ANSWER
 from pipeline.sources import GENERAL_SOURCE, SourceReport, load_source
 from raglora.errors import RagloraError
 
@@ -89,7 +91,8 @@ def inspect_inputs(docs: list[str], qa: list[str], fields: dict[str, str | None]
 
 def _source_name(path: str, taken: list[str]) -> str:
     """A config-safe source name from the file name, unique among `taken`."""
-    stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in Path(path).stem).strip("-._") or "qa"
+    stem = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "-" for c in Path(path).stem)
+    stem = stem.strip("-._") or "qa"
     name, n = stem, 2
     while name in taken or name == "general":
         name, n = f"{stem}-{n}", n + 1
@@ -197,6 +200,8 @@ def render_config(
         base=_flow(base),
         stages="\n".join(stages),
         eval_sets="\n".join(eval_sets),
+        no_answer_reply=_flow(REFUSAL_ANSWER),
+        handoff_reply=_flow(HANDOFF_REPLY),
     )
 
 
@@ -208,8 +213,8 @@ TEMPLATE = """\
 project:
   name: {name}
   description: {description}        # one line on what the company does; fills the persona prompt
-  no_answer_reply: "I'm sorry, I can't find that in our documentation, so I'm handing you over to a colleague in our customer-service team who can help. They will see this conversation."
-  handoff_reply: "I'll hand you over to a colleague in our customer-service team; they will pick up this conversation shortly and can see everything we have discussed."
+  no_answer_reply: {no_answer_reply}   # when the documents do not cover it
+  handoff_reply: {handoff_reply}   # when the customer asks for a person
 
 paths:
   data_dir: data                  # written by `raglora data`
@@ -331,6 +336,8 @@ def init_project(
                     f"--subdomain: categor{'y' if len(unknown) == 1 else 'ies'} {unknown} not in the data "
                     f"(seen: {', '.join(sorted(seen)[:15])})"
                 )
+    if language is not None and not re.fullmatch(r"[a-z]{2}", language):
+        raise RagloraError(f"--language expects a two-letter ISO 639-1 code such as en, sv or de; got {language!r}")
     lang = language or found.language
     text = render_config(
         out_dir, name=name, description=description, docs=docs, qa=found.qa, fields=fields, fmt=fmt,

@@ -33,12 +33,14 @@ def content_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if len(w) >= 3}
 
 
-def _source_keys(source: str) -> set[str]:
-    s = source.strip().lower()
-    if not s:
-        return set()
-    path = PurePosixPath(s.split("#", 1)[0])
-    return {s, path.name, path.stem} - {""}
+def _norm(value) -> str:
+    return str(value or "").strip().lower()
+
+
+def _file_keys(source: str) -> list[str]:
+    """A path's file name and stem ("/kb/heat-pumps.md#e4" -> "heat-pumps.md", "heat-pumps"), in that order."""
+    path = PurePosixPath(_norm(source).split("#", 1)[0])
+    return [k for k in (path.name, path.stem) if k]
 
 
 class GoldFinder:
@@ -46,34 +48,45 @@ class GoldFinder:
 
     def __init__(self, chunks: Iterable, *, min_overlap: float = MIN_OVERLAP):
         self.min_overlap = min_overlap
-        self._by_key: dict[str, list[str]] = defaultdict(list)
-        self._words: dict[str, set[str]] = {}
+        self._exact: dict[str, list[str]] = defaultdict(list)  # the chunk's whole source (a Q/A row's id)
+        self._file: dict[str, list[str]] = defaultdict(list)  # file name or stem of a document chunk
+        self._title: dict[str, list[str]] = defaultdict(list)  # section title of a document chunk
         self._postings: dict[str, list[str]] = defaultdict(list)
+        self.n_chunks = 0
         for chunk in chunks:
-            for key in _source_keys(str(chunk.source)) | _source_keys(str(getattr(chunk, "title", "") or "")):
-                self._by_key[key].append(chunk.chunk_id)
-            words = content_words(chunk.text)
-            self._words[chunk.chunk_id] = words
-            for w in words:
+            self.n_chunks += 1
+            self._exact[_norm(chunk.source)].append(chunk.chunk_id)
+            if (getattr(chunk, "metadata", None) or {}).get("kind") != "faq":  # Q/A chunks are titled by category
+                for key in _file_keys(str(chunk.source)):
+                    self._file[key].append(chunk.chunk_id)
+                if _norm(getattr(chunk, "title", "")):
+                    self._title[_norm(chunk.title)].append(chunk.chunk_id)
+            for w in content_words(chunk.text):
                 self._postings[w].append(chunk.chunk_id)
 
+    def by_id(self, row_id) -> list[str]:
+        """Chunks whose whole source is this id: a Q/A knowledge base indexes each row under its id."""
+        return list(self._exact.get(_norm(row_id), ())) if _norm(row_id) else []
+
     def by_source(self, row: dict) -> list[str]:
-        """Chunks named by the row's `source` (or `id`): exact source first, then file name/stem or title."""
-        for field in ("source", "id"):
-            value = row.get(field)
-            if value is None or not str(value).strip():
-                continue
-            exact = self._by_key.get(str(value).strip().lower())
-            if exact:
-                return list(dict.fromkeys(exact))
-            for key in _source_keys(str(value)):
-                if key in self._by_key:
-                    return list(dict.fromkeys(self._by_key[key]))
+        """Chunks named by the row, in a fixed order: its id as a chunk source, its `source` as a whole source,
+        as a file name, as a file stem, as a section title."""
+        found = self.by_id(row.get("id"))
+        source = _norm(row.get("source"))
+        if found or not source:
+            return found
+        for table, key in [
+            (self._exact, source),
+            *((self._file, k) for k in _file_keys(source)),
+            (self._title, source),
+        ]:
+            if table.get(key):
+                return list(dict.fromkeys(table[key]))
         return []
 
     def by_content(self, answer: str | None) -> list[str]:
         """Chunks holding at least `min_overlap` of the answer's distinctive words, best first (ties: all kept)."""
-        limit = max(2.0, COMMON_SHARE * len(self._words))
+        limit = max(2.0, COMMON_SHARE * self.n_chunks)
         words = {w for w in content_words(answer or "") if len(self._postings.get(w, ())) <= limit}
         if len(words) < MIN_DISTINCTIVE:
             return []

@@ -166,3 +166,26 @@ def test_a_raft_stage_never_shows_held_out_rows_end_to_end(tiny_base, tmp_path, 
             assert q not in _contexts(e) and a not in _contexts(e)
     raft = json.loads((tmp_path / "a/heating/manifest.json").read_text())["data"]["raft"]
     assert raft["excluded_gold_chunks"] == 2 and raft["gold_by_source"] == len(TRAIN)
+
+
+def test_a_page_a_held_out_ticket_cites_is_still_gold_for_training_tickets_but_never_a_distractor(tmp_path):
+    docs = {
+        "/kb/radiators.md": "Radiators: bleed them with a radiator key when they are cold at the top.",
+        "/kb/heat-pumps.md": "Heat pumps: keep the outdoor unit level and free of snow and ice.",
+        "/kb/boilers.md": "Boilers: an engineer should service the boiler once a year.",
+    }
+    chunks = [SimpleNamespace(chunk_id=f"c{i}", source=s, title="", text=t) for i, (s, t) in enumerate(docs.items())]
+    index = SimpleNamespace(
+        chunks=chunks, search=lambda q, *, k, mode="hybrid": [SimpleNamespace(chunk=c) for c in chunks[:k]]
+    )
+    train, held = _qa(TRAIN[:2], "ticket"), _qa(HELD_OUT[:1], "held")
+    train[0]["source"], train[1]["source"], held[0]["source"] = "radiators.md", "heat-pumps.md", "radiators.md"
+    finder = GoldFinder(chunks)
+    exclude = held_out_gold_chunks(finder, held)
+    assert exclude == {"c0"} and raft_mod.held_out_row_chunks(finder, held) == set()  # a page, not the held-out row
+    out, stats = build_raft_examples(
+        _examples(tmp_path, train), index=index, fraction=1.0, n_distractors=2, p_no_gold=0.0, system_prompt="S",
+        seed=0, gold_finder=finder, exclude_chunks=exclude, withhold_chunks=set(),
+    )  # fmt: skip
+    assert out[0]["raft"]["sources"].count("/kb/radiators.md") == 1 and stats["gold_withheld_held_out"] == 0
+    assert "/kb/radiators.md" not in out[1]["raft"]["sources"]  # never another row's distractor
