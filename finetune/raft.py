@@ -136,10 +136,10 @@ def build_raft_examples(
         contexts = list(distractors)
         with_gold = i not in no_gold
         if with_gold:
-            known = {**by_id, **{_chunk_id(h.chunk): h.chunk for h in hits}}
-            ranked = [_chunk_id(h.chunk) for h in hits if _chunk_id(h.chunk) in own] + gold_ids  # best-ranked first
-            usable = [c for c in ranked if c in known]
-            gold_chunk = next((known[c] for c in usable if c not in withheld), None)
+            hit_chunks = {_chunk_id(h.chunk): h.chunk for h in hits}
+            ranked = [c for c in hit_chunks if c in own] + gold_ids  # best-ranked first
+            usable = [c for c in ranked if c in hit_chunks or c in by_id]
+            gold_chunk = next(((hit_chunks.get(c) or by_id[c]) for c in usable if c not in withheld), None)
             if gold_chunk is not None:
                 gold = _ctx(gold_chunk, context_chars)
                 stats["gold_from_index"] += 1

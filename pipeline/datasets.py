@@ -181,19 +181,24 @@ def generic_out_of_kb(
     general-knowledge questions (chatterbot-corpus) and questions of another domain (the construction FAQ when the
     project does not use it). Candidates sharing half their content words with a project question are dropped.
     """
-    from pipeline.sources import load_source as _load
     from retriever.gold import content_words
 
-    project_words = [content_words(r["question"] or "") for rows in project.values() for r in rows]
-    project_words = [w for w in project_words if w]
+    postings: dict[str, list[int]] = defaultdict(list)  # word -> project questions holding it
+    for i, row in enumerate(r for rows in project.values() for r in rows):
+        for w in content_words(row["question"] or ""):
+            postings[w].append(i)
 
     def unrelated(question: str) -> bool:
         words = content_words(question)
-        return bool(words) and all(len(words & pw) / len(words) < 0.5 for pw in project_words)
+        shared: dict[int, int] = defaultdict(int)
+        for w in words:
+            for i in postings.get(w, ()):
+                shared[i] += 1
+        return bool(words) and max(shared.values(), default=0) / len(words) < 0.5
 
     general_rows = held_out_general
     if general_rows is None:
-        general_rows, _ = _load(name="general", path=GENERAL_SOURCE, language=language)
+        general_rows, _ = load_source(name="general", path=GENERAL_SOURCE, language=language)
     pool = sorted(
         {
             r["messages"][0]["content"].strip()
@@ -209,7 +214,7 @@ def generic_out_of_kb(
         for i, q in enumerate(sorted(general))
     ]
     if not uses_other_domain:
-        faq, _ = _load(name="other-domain", path=OTHER_DOMAIN_SOURCE, language=language)
+        faq, _ = load_source(name="other-domain", path=OTHER_DOMAIN_SOURCE, language=language)
         other = sorted({r["question"] for r in faq if unrelated(r["question"])})
         picked = rng.sample(other, min(20, len(other)))
         rows += [

@@ -32,7 +32,6 @@ class Inspection:
     doc_warnings: list[str] = field(default_factory=list)
     language: str = "en"
     language_share: float = 0.0
-    samples: list[str] = field(default_factory=list)
 
 
 def detect_language(texts: list[str]) -> tuple[str, float]:
@@ -84,7 +83,6 @@ def inspect_inputs(docs: list[str], qa: list[str], fields: dict[str, str | None]
         rows, report = load_source(name=name, path=str(path), fmt=fmt, **{f"{k}_field": v for k, v in fields.items()})
         found.qa.append(report)
         texts += [r["question"] or r["messages"][0]["content"] for r in rows[:LANGUAGE_SAMPLE]]
-        found.samples += [r["question"] for r in rows[:2] if r["question"]]
     found.language, found.language_share = detect_language(texts)
     return found
 

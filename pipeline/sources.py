@@ -160,6 +160,11 @@ def _json_records(text: str, p: Path) -> list[dict]:
 
 def _csv_records(text: str, p: Path) -> list[dict]:
     dialect = csv_dialect(text)
+    header = text.lstrip().split("\n", 1)[0]
+    if dialect is None and not any(d in header for d in DELIMITERS):
+        # one column, e.g. a list of questions: csv.reader still handles quoting and blank lines
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and r[0].strip()]
+        return [{rows[0][0]: r[0]} for r in rows[1:]] if len(rows) > 1 else []
     if dialect is None:
         raise RagloraError(
             f"{p}: cannot find the CSV delimiter (tried , ; tab |); check that the file has a header row and "

@@ -76,7 +76,12 @@ def test_missing_ids_get_a_stable_content_hash(tmp_path):
     ("name", "text", "message"),
     [
         ("empty.csv", "", r"empty.csv: the file is empty"),
-        ("nodelim.csv", "just one column\nno separators here\n", r"nodelim.csv: cannot find the CSV delimiter"),
+        ("nodelim.csv", "a,b\nc;d;e\nf|g|h|i\n", r"nodelim.csv: cannot find the CSV delimiter"),
+        (
+            "onecol.csv",
+            "notes\nhello there\n",
+            r"onecol.csv: no question and no answer column found \(columns: notes\)",
+        ),
         (
             "fields.csv",
             "colour,size\nred,big\n",
@@ -129,3 +134,13 @@ def test_csv_with_delimiters_inside_quoted_prose_keeps_its_columns(tmp_path):
     rows, report = load_source(name="x", path=_write(tmp_path, "t.csv", text))
     assert report.fields["category"] == "category" and [r["category"] for r in rows] == ["hours", "prices", "misc"]
     assert rows[0]["answer"] == "Yes, 9-5, Monday; to Friday."
+
+
+def test_a_one_column_csv_of_questions_is_an_out_of_kb_list(tmp_path):
+    from pipeline.datasets import user_out_of_kb
+
+    path = _write(tmp_path, "unanswerable.csv", 'question\nWhat are your opening hours?\n"Do you sell, say, saunas?"\n')
+    assert sorted(r["question"] for r in user_out_of_kb(path)) == [
+        "Do you sell, say, saunas?",
+        "What are your opening hours?",
+    ]
