@@ -35,7 +35,7 @@ from tqdm import tqdm
 from pipeline import metrics as M
 from pipeline.config import EvalConfig, EvalSet, resolve_eval_sets
 from pipeline.routing import LORA_MODES, RAG_MODES
-from pipeline.sources import read_records
+from pipeline.sources import detect_fields, read_records
 from raglora.errors import RagloraError
 from retriever.evaluate import hit_ks, retrieval_hits
 
@@ -62,6 +62,15 @@ class TestSet:
     rows: list[dict]
     held_out_of: str | None = None  # the stage whose held-out split this is (held_out:<stage>), if any
     notes: list[str] = field(default_factory=list)
+
+
+def map_columns(records: list[dict]) -> list[dict]:
+    """A user's eval file may name its columns as its Q/A file does ("Subject", "Resolution", ...): rows without
+    `question`/`messages` get question/answer/id/source from the same column detection `raglora data` uses."""
+    if not records or any("question" in r or "messages" in r for r in records[:50]):
+        return records
+    fields = detect_fields(list(dict.fromkeys(k for r in records[:200] for k in r)), {})
+    return [{**r, **{role: r.get(col) for role, col in fields.items() if col}} for r in records]
 
 
 def parse_row(row: dict) -> dict:
@@ -101,7 +110,7 @@ def load_test_set(spec: EvalSet, *, held_out_of: str | None = None) -> TestSet:
     fix = "run `raglora data`" + (f" (or fix eval.sets.{spec.name})" if held_out_of is None else "")
     if not path.is_file():
         raise RagloraError(f"eval set {spec.name!r}: {path} is missing: {fix}")
-    records = read_records(path) if path.read_bytes().strip() else []
+    records = map_columns(read_records(path) if path.read_bytes().strip() else [])
     rows = [r for r in (parse_row(r) for r in records) if r["question"]]
     if not rows:
         raise RagloraError(f"eval set {spec.name!r}: {path} has no questions: {fix}")
@@ -146,10 +155,18 @@ def assign_gold(sets: list[TestSet], index) -> None:
 
 
 def plan_arms(
-    requested: list[str], stages: list[str], *, has_index: bool, oracle_ok: bool | None = None
+    requested: list[str],
+    stages: list[str],
+    *,
+    has_index: bool,
+    oracle_ok: bool | None = None,
+    deepest: str | None = None,
 ) -> tuple[dict[str, dict], dict[str, str]]:
-    """Expand arm names into {name: {mode, stage, oracle}} plus {name: reason} for the arms that cannot run."""
+    """Expand arm names into {name: {mode, stage, oracle}} plus {name: reason} for the arms that cannot run.
+
+    `deepest` (default: the last of `stages`) is the stage the oracle arm uses: the end of the longest chain."""
     oracle_ok = has_index if oracle_ok is None else oracle_ok
+    deepest = deepest or (stages[-1] if stages else None)
     arms: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     no_index = "no index: run `raglora index`"
@@ -173,7 +190,7 @@ def plan_arms(
                 skipped[arm] = "needs the index (the gold passages come from it): run `raglora index`"
             else:
                 # Deepest stage when there is one: the best generator we have, given perfect retrieval.
-                arms[arm] = {"mode": "rag+lora" if stages else "rag", "stage": stages[-1] if stages else None}
+                arms[arm] = {"mode": "rag+lora" if stages else "rag", "stage": deepest}
                 arms[arm]["oracle"] = True
         else:
             raise RagloraError(f"eval.arms: unknown arm {arm!r} (known: {', '.join(KNOWN_ARMS)})")
@@ -354,7 +371,7 @@ def _stage_summaries(adapters_dir: str | Path, stages: list[str]) -> dict:
             metrics["val_loss"] = metrics["validation_loss"].get(stage)
         out[stage] = {
             "train_loss_curve": curve,
-            "raft": bool(m.get("config", {}).get("raft", False)),
+            "raft": bool((m.get("stage_config") or {}).get("raft", False)),
             "parents": list(m.get("parents") or []),
             **metrics,
         }
@@ -362,12 +379,13 @@ def _stage_summaries(adapters_dir: str | Path, stages: list[str]) -> dict:
 
 
 def stage_parents(service, stages: list[str]) -> dict[str, str | None]:
-    """{stage: the stage it was trained on top of (last of its manifest's parents), None = the base model}."""
+    """{stage: the stage it was trained after (the last of its parents, or the stage its adapter was initialised
+    from with continue_previous_adapter), None = the base model}."""
     infos = getattr(service.models, "stages", {}) or {}
     out = {}
     for stage in stages:
-        parents = tuple(getattr(infos.get(stage), "parents", ()) or ())
-        out[stage] = parents[-1] if parents else None
+        after = tuple(getattr(infos.get(stage), "after", ()) or ())
+        out[stage] = after[-1] if after else None
     return out
 
 
@@ -439,7 +457,8 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
         if s not in trained:
             notes.append(f"stage {s!r} has no trained adapter under {cfg.paths.adapters_dir}: run `raglora finetune`")
     parents = stage_parents(service, stages)
-    arms, skipped = plan_arms(ec.arms, stages, has_index=has_index)
+    deepest = service.models.deepest_stage if service.models.deepest_stage in stages else None
+    arms, skipped = plan_arms(ec.arms, stages, has_index=has_index, deepest=deepest)
     embedder = service.index.embedder if has_index else None
     if embedder is None:
         from retriever.embedder import load_embedder
@@ -511,7 +530,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
             "answers": records,
         }
     n = ec.bootstrap_resamples
-    comparisons = _comparisons(results_arms, stages, kb_sets, n)
+    comparisons = _comparisons(results_arms, deepest or (stages[-1] if stages else None), kb_sets, n)
     speed = {}
     first = next((ts for ts in sets if ts.kind == "kb"), sets[0])
     if ec.speedup_questions and first.rows:
@@ -616,9 +635,9 @@ def _diff(arms: dict, a: str, b: str, test_sets: set[str], metric: str, n_resamp
     return {"diff": diff, "low": low, "high": high, "n": sum(keep), "a_mean": mean(xa), "b_mean": mean(xb)}
 
 
-def _comparisons(arms: dict, stages: list[str], kb_sets: set[str], n_resamples: int) -> list[dict]:
-    """Paired differences on token F1 over the kb sets: what retrieval, fine-tuning, and both buy."""
-    deepest = stages[-1] if stages else None
+def _comparisons(arms: dict, deepest: str | None, kb_sets: set[str], n_resamples: int) -> list[dict]:
+    """Paired differences on token F1 over the kb sets: what retrieval, fine-tuning, and both buy (with the
+    deepest stage)."""
     pairs = [("rag", "base")]
     if deepest:
         pairs += [

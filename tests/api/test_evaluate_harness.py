@@ -286,3 +286,13 @@ def test_groundedness_calibration_labels_pairs_from_knowledge_base_passages():
     result = calibrate_groundedness(texts, lambda t: embedder.encode(list(t)), n_pairs=5)
     assert result["n_supported"] == 5 and result["n_unsupported"] == 5
     assert 0.0 <= result["threshold"] <= 1.0 and "balanced accuracy" in result["method"]
+
+
+def test_an_eval_file_may_name_its_columns_like_a_ticket_export(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text(
+        "Ticket No;Customer wrote;Agent resolution;KB article\nT-1;Boiler at 0.6 bar?;Top it up to 1.2 bar.;boilers.html\n"
+    )
+    ts = load_test_set(EvalSet(name="mine", path=str(path), kind="kb", limit=10))
+    assert ts.kind == "kb" and ts.rows[0]["id"] == "T-1" and ts.rows[0]["question"] == "Boiler at 0.6 bar?"
+    assert ts.rows[0]["reference"] == "Top it up to 1.2 bar." and ts.rows[0]["source"] == "boilers.html"
