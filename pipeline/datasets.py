@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline.sources import (
+    GENERAL_KNOWLEDGE_CATEGORIES,
     GENERAL_SOURCE,
     OTHER_DOMAIN_SOURCE,
     OUT_OF_KB_FILE,
@@ -35,8 +36,6 @@ from raglora.files import atomic_write_text, jsonl_text
 DATASET_VERSION = "2"
 SPLITS = ("train", "validation", "test")
 KB_DIR = "kb"
-# General-knowledge categories of the packaged chatterbot corpus: questions no company's documents answer.
-GENERAL_KNOWLEDGE_CATEGORIES = ("trivia", "science", "history", "literature", "movies", "sports", "food", "politics")
 
 
 def split_stratified(

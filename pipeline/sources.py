@@ -370,6 +370,8 @@ PACKAGED = {"construction-faq": _construction_faq, "chatterbot-corpus": _chatter
 #: The packaged general conversation: a stage trained only on it is measured for forgetting, closed book, and its
 #: held-out general-knowledge questions feed the generic out-of-knowledge-base set.
 GENERAL_SOURCE = "packaged:chatterbot-corpus"
+#: Its general-knowledge categories: questions no company's documents answer.
+GENERAL_KNOWLEDGE_CATEGORIES = ("trivia", "science", "history", "literature", "movies", "sports", "food", "politics")
 #: Where `raglora data` writes the out-of-knowledge-base questions (under the data folder); `eval.sets` calls
 #: it `out_of_kb`.
 OUT_OF_KB_FILE = "eval/out_of_kb.jsonl"
