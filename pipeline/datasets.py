@@ -177,7 +177,7 @@ def generic_out_of_kb(
     language: str,
 ) -> list[dict]:
     """Questions this project's documents do not answer, built from packaged data only:
-    general-knowledge questions (chatterbot-corpus) and questions of another domain (the construction FAQ when the
+    general-knowledge questions of GENERAL_SOURCE and questions of another domain (OTHER_DOMAIN_SOURCE, when the
     project does not use it). Candidates sharing half their content words with a project question are dropped.
     """
     from retriever.gold import content_words
