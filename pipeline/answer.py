@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -203,12 +203,13 @@ class AnswerService:
 
     # -- preparation ------------------------------------------------------------------------------------------
 
-    def _retrieve(self, query: str) -> tuple[list[dict], float | None]:
+    def _retrieve(self, query: str, exclude_chunks: Collection[str] = ()) -> tuple[list[dict], float | None]:
         rc = self.retrieval
         hits = self.index.search(
             query,
             k=rc["k"],
             mode=rc["mode"],
+            exclude=exclude_chunks,
             **{key: rc[key] for key in ("rrf_k", "dense_weight", "bm25_weight", "candidates") if key in rc},
         )
         contexts = [h.to_dict() if hasattr(h, "to_dict") else dict(h) for h in hits]
@@ -266,7 +267,9 @@ class AnswerService:
         mode: str | None = None,
         stage: str | None = None,
         max_new_tokens: int | None = None,
+        exclude_chunks: Collection[str] = (),
     ) -> Prepared:
+        """`exclude_chunks`: chunk ids retrieval must not return (evaluation's gold-removed questions)."""
         mode, stage = self._route(mode, stage)
         question = question.strip()
         if not question:
@@ -284,7 +287,7 @@ class AnswerService:
         t0 = time.perf_counter()
         if mode in RAG_MODES and handoff_reason is None:
             query = condense_query(question, history, self.language)
-            contexts, best = self._retrieve(query)
+            contexts, best = self._retrieve(query, exclude_chunks)
             if self.handoff_threshold is not None and (
                 not contexts or (best is not None and best < self.handoff_threshold)
             ):

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
@@ -99,6 +100,7 @@ class Index:
         dense_weight: float = DEFAULTS.dense_weight,
         bm25_weight: float = DEFAULTS.bm25_weight,
         candidates: int = DEFAULTS.candidates,
+        exclude: Collection[str] = (),
     ) -> list[Hit]:
         """Top-k chunks for `query`; see retriever.search.search."""
         return run_search(
@@ -111,6 +113,7 @@ class Index:
             dense_weight=dense_weight,
             bm25_weight=bm25_weight,
             candidates=candidates,
+            exclude=exclude,
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -247,11 +248,13 @@ def search(
     dense_weight: float = DEFAULTS.dense_weight,
     bm25_weight: float = DEFAULTS.bm25_weight,
     candidates: int = DEFAULTS.candidates,
+    exclude: Collection[str] = (),
 ) -> list[Hit]:
     """Search an Index (see retriever.index). Each retriever contributes max(candidates, k) ids to the fusion.
 
     Defaults are the `retrieval` config section's (retriever.config.RetrievalConfig); BM25 analyses the query in
-    the index's language (`index.language`, from its manifest).
+    the index's language (`index.language`, from its manifest). `exclude`: chunk ids never returned, removed
+    before the top-k cut like a filter (evaluation's "gold removed" questions: retrieval without the answer).
     """
     if not isinstance(query, str) or not query.strip():
         raise RagloraError("empty query: pass a question to search for")
@@ -265,6 +268,10 @@ def search(
         raise RagloraError(f"{mode} retrieval needs an embedder: load the index with one, or use mode 'bm25'")
     n = len(index.chunks)
     mask = filter_mask(index.chunks, filters)
+    if exclude:
+        excluded = set(exclude)
+        keep = np.array([c.chunk_id not in excluded for c in index.chunks], dtype=bool)
+        mask = keep if mask is None else mask & keep
     if n == 0 or (mask is not None and not mask.any()):
         return []
     depth = max(candidates, k)
