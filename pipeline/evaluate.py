@@ -315,33 +315,6 @@ def rag_metrics(ks: tuple[int, ...]) -> tuple[str, ...]:
     return ("groundedness", "citation_precision", "has_citation", *(f"hit@{k}" for k in ks), "mrr")
 
 
-def calibrate_groundedness(texts: list[str], embed, n_pairs: int, seed: int = 0) -> dict:
-    """Label sentence/context pairs from the knowledge base itself (index chunks or KB answers, any domain): a
-    sentence against the rest of its own passage is supported, against a random other passage is not. (Against
-    its own full passage the sentence matches itself word for word, which calibrates nothing.)"""
-    rng = np.random.default_rng(seed)
-    passages = [t for t in dict.fromkeys(texts) if len(M.split_sentences(t)) >= 2]
-    if n_pairs <= 0 or len(passages) < 3:
-        return {"threshold": 0.6, "method": "default threshold 0.6 (no calibration pairs)"}
-    picks = rng.choice(len(passages), size=min(n_pairs, len(passages)), replace=False)
-    supported, unsupported = [], []
-    for i in picks:
-        sentences = M.split_sentences(passages[i])
-        j = int(rng.integers(len(sentences)))
-        rest = " ".join(sentences[:j] + sentences[j + 1 :])
-        other = passages[int((i + 1 + rng.integers(len(passages) - 1)) % len(passages))]
-        supported.append((sentences[j], rest))
-        unsupported.append((sentences[j], other))
-    result = M.calibrate_groundedness_threshold(supported, unsupported, embed)
-    result["method"] = (
-        "an answer sentence is supported when its best cosine similarity to a retrieved-context sentence reaches the "
-        "threshold, or when half its content-word trigrams occur in the context; the threshold maximises balanced "
-        f"accuracy on {len(supported)} supported (sentence vs the rest of its own passage) and {len(unsupported)} "
-        "unsupported (sentence vs a random other passage) pairs from the knowledge base"
-    )
-    return result
-
-
 # -- the run ------------------------------------------------------------------------------------------------
 
 
@@ -470,7 +443,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
 
     k = _retrieval_k(service, cfg)
     ks = hit_ks(k)
-    calibration = calibrate_groundedness(
+    calibration = M.calibrate_judge(
         [c.text for c in service.index.chunks] if has_index else [], embed, ec.calibration_pairs
     )
     threshold = float(calibration.get("threshold", 0.6))

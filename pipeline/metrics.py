@@ -17,6 +17,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from rouge_score import rouge_scorer
@@ -186,16 +187,51 @@ def ngram_support(sentence: str, contexts: Sequence[str], *, ngram: int = 3) -> 
     return len(grams & ctx) / len(grams)
 
 
-def _max_context_similarity(sentences: list[str], contexts: Sequence[str], embed: Embed) -> np.ndarray:
-    """For each sentence, its best cosine similarity to any sentence of any context (0 without context)."""
-    ctx_sentences = [s for c in contexts for s in split_sentences(c)]
-    if not sentences:
-        return np.zeros(0)
-    if not ctx_sentences:
-        return np.zeros(len(sentences))
-    vecs = _unit_rows(embed(sentences + ctx_sentences))
-    sims = vecs[: len(sentences)] @ vecs[len(sentences) :].T
-    return sims.max(axis=1)
+@dataclass(frozen=True)
+class Judge:
+    """The calibrated groundedness judge: a passage supports a sentence when the sentence's best cosine similarity
+    to one of the passage's sentences reaches `threshold`, or when >= `overlap` of its content-word n-grams occur in it.
+
+    One judge scores groundedness, citation precision/recall (evaluation) and attributes citations (serving), so
+    what serving shows and what evaluation scores are judged alike. `calibrate_judge` picks the threshold.
+    """
+
+    embed: Embed | None  # embed(texts) -> np.ndarray (normalised rows); None: n-gram rule only
+    threshold: float = 0.6
+    ngram: int = 3
+    overlap: float = 0.5  # > 1 switches the n-gram rule off (embedding rule only)
+
+    def support(self, sentences: list[str], passages: list[str]) -> np.ndarray:
+        """bool [len(sentences), len(passages)]: whether passage j supports sentence i (one batched embed call)."""
+        out = np.zeros((len(sentences), len(passages)), dtype=bool)
+        if not sentences or not passages:
+            return out
+        if self.overlap <= 1:
+            grams = [_content_ngrams(s, self.ngram) for s in sentences]
+            passage_grams: dict[int, list[set]] = {}  # n -> grams of every passage (short sentences use n < ngram)
+            for i, g in enumerate(grams):
+                if not g:
+                    continue
+                n = len(next(iter(g)))
+                if n not in passage_grams:
+                    passage_grams[n] = [_content_ngrams(p, n) for p in passages]
+                out[i] = [len(g & pg) / len(g) >= self.overlap for pg in passage_grams[n]]
+        if self.embed is not None:
+            per_passage = [split_sentences(p) for p in passages]
+            texts = list(dict.fromkeys([*sentences, *(x for ps in per_passage for x in ps)]))
+            if any(per_passage):
+                vecs = dict(zip(texts, _unit_rows(self.embed(texts)), strict=True))
+                left = np.stack([vecs[s] for s in sentences])  # (S, d)
+                for j, ps in enumerate(per_passage):
+                    if ps:
+                        best = (left @ np.stack([vecs[x] for x in ps]).T).max(axis=1)  # (S,)
+                        out[:, j] |= best >= self.threshold
+        return out
+
+
+def _content_sentences(answer: str) -> list[str]:
+    """Answer sentences that carry content words; "Sure!" or "[1]" alone is neither grounded nor ungrounded."""
+    return [s for s in split_sentences(answer) if _content_ngrams(s, 1)]
 
 
 def groundedness(
@@ -208,26 +244,25 @@ def groundedness(
     overlap: float = 0.5,
     method: str = "either",
 ) -> float:
-    """Share of answer sentences supported by the retrieved context; nan when there is nothing to check.
+    """Share of answer sentences some retrieved passage supports (the `Judge`); nan when there is nothing to check.
 
-    A sentence is supported by embedding similarity (max cosine to any context sentence >= threshold) and/or
-    by lexical overlap (share of its content-word n-grams found in the context >= overlap). `method` is
-    "embedding", "ngram" or "either" (OR of both; falls back to n-grams alone when no `embed` is given).
-    Sentences without content words ("Sure!") are not counted either way.
+    `method` is "embedding", "ngram" or "either" (the judge: OR of both rules; n-grams alone when no `embed` is
+    given). Sentences without content words ("Sure!") are not counted either way.
     """
     if method not in ("embedding", "ngram", "either"):
         raise ValueError(f"method must be 'embedding', 'ngram' or 'either', got {method!r}")
     if method == "embedding" and embed is None:
         raise ValueError("method='embedding' needs an embed function")
-    sentences = [s for s in split_sentences(answer) if _content_ngrams(s, 1)]
+    judge = Judge(
+        embed=None if method == "ngram" else embed,
+        threshold=threshold,
+        ngram=ngram,
+        overlap=math.inf if method == "embedding" else overlap,
+    )
+    sentences = _content_sentences(answer)
     if not sentences:
         return math.nan
-    supported = np.zeros(len(sentences), dtype=bool)
-    if method in ("ngram", "either"):
-        supported |= np.array([ngram_support(s, contexts, ngram=ngram) >= overlap for s in sentences])
-    if method in ("embedding", "either") and embed is not None:
-        supported |= _max_context_similarity(sentences, contexts, embed) >= threshold
-    return float(supported.mean())
+    return float(judge.support(sentences, list(contexts)).any(axis=1).mean())
 
 
 def calibrate_groundedness_threshold(
@@ -282,6 +317,34 @@ def calibrate_groundedness_threshold(
     }
 
 
+def calibrate_judge(texts: list[str], embed: Embed, n_pairs: int, seed: int = 0) -> dict:
+    """Calibrate the judge's threshold on pairs labelled from the knowledge base itself (index chunks or KB
+    answers, any domain): a sentence against the rest of its own passage is supported, against a random other
+    passage is not. (Against its own full passage the sentence matches itself word for word, which calibrates
+    nothing.) Returns `calibrate_groundedness_threshold`'s dict plus "method"; the default 0.6 without pairs."""
+    rng = np.random.default_rng(seed)
+    passages = [t for t in dict.fromkeys(texts) if len(split_sentences(t)) >= 2]
+    if n_pairs <= 0 or len(passages) < 3:
+        return {"threshold": 0.6, "method": "default threshold 0.6 (no calibration pairs)"}
+    picks = rng.choice(len(passages), size=min(n_pairs, len(passages)), replace=False)
+    supported, unsupported = [], []
+    for i in picks:
+        sentences = split_sentences(passages[i])
+        j = int(rng.integers(len(sentences)))
+        rest = " ".join(sentences[:j] + sentences[j + 1 :])
+        other = passages[int((i + 1 + rng.integers(len(passages) - 1)) % len(passages))]
+        supported.append((sentences[j], rest))
+        unsupported.append((sentences[j], other))
+    result = calibrate_groundedness_threshold(supported, unsupported, embed)
+    result["method"] = (
+        "a passage supports an answer sentence when the sentence's best cosine similarity to one of its sentences "
+        "reaches the threshold, or when half its content-word trigrams occur in it; the threshold maximises balanced "
+        f"accuracy on {len(supported)} supported (sentence vs the rest of its own passage) and {len(unsupported)} "
+        "unsupported (sentence vs a random other passage) pairs from the knowledge base"
+    )
+    return result
+
+
 # ------------------------------------------------------------------------------------------------- citations
 
 _MARKER = re.compile(r"\[\s*(\d{1,3}(?:\s*[,;]\s*\d{1,3})*)\s*\]")
@@ -315,6 +378,63 @@ def citation_precision(
     if not cited or not targets:
         return math.nan
     return sum(cited_sources_by_number.get(n) in targets for n in cited) / len(cited)
+
+
+_MARKERS_RUN = rf"(?:{_MARKER.pattern}[ \t]*)*{_MARKER.pattern}"
+# The lookbehinds start a match only at the beginning of a run of spaces / end punctuation: linear on "....." x 1e5.
+_MARKERS_AFTER_SPACE = re.compile(rf"(?<!\s)\s+({_MARKERS_RUN})")
+_MARKERS_AFTER_END = re.compile(rf"(?<![.!?\u2026\u3002\uff01\uff1f])({_SENTENCE_END.pattern}) ?({_MARKERS_RUN})")
+_SLOT = re.compile("\ue000([\ue100-\uf0ff])\ue001")  # a marker's placeholder: private-use characters, no \\w
+
+
+def cited_sentences(answer: str) -> list[tuple[str, list[int]]]:
+    """The answer's sentences (markers removed, as `split_sentences` gives them) with the [n] numbers of each.
+
+    A marker inside a sentence or right after its end punctuation ("... permit [1]." / "... permit. [1][2]", also
+    on the next line) belongs to that sentence. Numbers are kept as written: whether passage n exists is the
+    caller's question (a "[3]" without a passage 3 never maps to one).
+    """
+    text = _MARKERS_AFTER_SPACE.sub(lambda m: " " + m.group(1), answer or "")  # "Yes.\n[1]" -> "Yes. [1]"
+    text = _MARKERS_AFTER_END.sub(lambda m: " " + m.group(2) + m.group(1), text)  # "Yes. [1]" -> "Yes [1]."
+    found: list[list[int]] = []
+
+    def slot(m: re.Match) -> str:
+        found.append([int(x) for x in re.split(r"\s*[,;]\s*", m.group(1))])
+        return f" \ue000{chr(0xE100 + min(len(found) - 1, 0xFFF))}\ue001 "
+
+    text = _MARKER.sub(slot, text)
+    out = []
+    for sentence in split_sentences(text):
+        numbers = [n for m in _SLOT.finditer(sentence) for n in found[ord(m.group(1)) - 0xE100]]
+        clean = " ".join(_SLOT.sub(" ", sentence).split())
+        clean = clean.replace(" .", ".").replace(" !", "!").replace(" ?", "?").replace(" ,", ",")
+        out.append((clean, list(dict.fromkeys(numbers))))
+    return out
+
+
+def citation_scores(answer: str, passages: dict[int, str], judge: Judge) -> dict:
+    """Citation precision and recall of one answer (Trust-Score / ALCE style, judged by `judge`), nan when n/a.
+
+    precision: share of (sentence, cited n) pairs whose passage n supports the sentence (n not in `passages`, the
+    prompt's passages by number, counts as unsupported); nan when nothing is cited.
+    recall: share of content sentences supported by at least one passage they cite (an uncited sentence is not
+    supported); nan when the answer has no content sentence.
+    """
+    cited = [(s, ns) for s, ns in cited_sentences(answer) if _content_ngrams(s, 1)]
+    if not cited:
+        return {"precision": math.nan, "recall": math.nan}
+    numbers = sorted({n for _, ns in cited for n in ns if n in passages})
+    column = {n: j for j, n in enumerate(numbers)}
+    sentences = [s for s, ns in cited if any(n in column for n in ns)]
+    row = {s: i for i, s in enumerate(dict.fromkeys(sentences))}
+    support = judge.support(list(row), [passages[n] for n in numbers])
+    pairs = [(s, n) for s, ns in cited for n in ns]
+    ok = [n in column and bool(support[row[s], column[n]]) for s, n in pairs]
+    recalled = [any(n in column and support[row[s], column[n]] for n in ns) for s, ns in cited]
+    return {
+        "precision": float(np.mean(ok)) if pairs else math.nan,
+        "recall": float(np.mean(recalled)),
+    }
 
 
 # -------------------------------------------------------------------------------------------------- refusals

@@ -10,7 +10,6 @@ from helpers import FAQ_ROWS, make_service, make_stage_adapters
 
 from pipeline.config import EvalSet, load_config
 from pipeline.evaluate import (
-    calibrate_groundedness,
     load_test_set,
     load_test_sets,
     parse_row,
@@ -273,19 +272,6 @@ def test_rows_without_a_reference_are_skipped_and_missing_or_empty_sets_are_erro
         load_test_set(EvalSet(name="kb-set", path=str(path), kind="kb", limit=10))
     with pytest.raises(RagloraError, match=r"eval set 'gone': .*gone.jsonl is missing: run `raglora data`"):
         load_test_set(EvalSet(name="gone", path=str(tmp_path / "gone.jsonl"), kind="kb", limit=10))
-
-
-def test_groundedness_calibration_labels_pairs_from_knowledge_base_passages():
-    from fake_embedder import FakeEmbedder
-
-    texts = [
-        f"Topic {w} is about {w} things. Every {w} needs a {w} permit. Ask the {w} office."
-        for w in ("roof", "deck", "garage", "sauna", "fence")
-    ]
-    embedder = FakeEmbedder()
-    result = calibrate_groundedness(texts, lambda t: embedder.encode(list(t)), n_pairs=5)
-    assert result["n_supported"] == 5 and result["n_unsupported"] == 5
-    assert 0.0 <= result["threshold"] <= 1.0 and "balanced accuracy" in result["method"]
 
 
 def test_an_eval_file_may_name_its_columns_like_a_ticket_export(tmp_path):
