@@ -9,9 +9,9 @@ Base modes run under `disable_adapter()`. Nothing is reloaded when a request swi
 
 `Generator` owns the model in one worker thread: concurrent requests queue, the worker collects up to
 `max_batch_size` within `batch_wait_ms`, groups them by (stage, sampling parameters), left-pads and runs
-`model.generate` (KV cache, greedy unless a temperature is given). Tokens are streamed back per request
-through a batch-aware streamer; a per-row stopping criterion honours each request's own `max_new_tokens`
-and cancellation (client disconnect).
+`model.generate` (KV cache, greedy unless a temperature is given, repetition control on the answer tokens).
+Tokens are streamed back per request through a batch-aware streamer; a per-row stopping criterion honours
+each request's own `max_new_tokens` and cancellation (client disconnect).
 """
 
 from __future__ import annotations
@@ -30,7 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from raglora.errors import RagloraError
@@ -260,10 +268,24 @@ class StageModels:
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one request decodes. Serving, the terminal chat and evaluation all use these defaults."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
+    # Repetition control on the answer's own tokens (see `repetition_processors`): a small greedy model otherwise
+    # falls into one line repeated until max_new_tokens (issue 12). HF semantics: a seen token's logit is divided
+    # by the penalty when positive, multiplied when negative; 1.0 = off. no_repeat_ngram_size: no n-gram of
+    # the answer occurs twice; 0 = off. Defaults measured by bench/sampling_defaults.py (see the figures there).
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.repetition_penalty > 0:
+            raise RagloraError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise RagloraError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
 
     @property
     def greedy(self) -> bool:
@@ -272,7 +294,42 @@ class SamplingParams:
         return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def group_key(self) -> tuple:
-        return ("greedy",) if self.greedy else ("sample", self.temperature, self.top_p, self.seed)
+        repetition = (self.repetition_penalty, self.no_repeat_ngram_size)
+        return (
+            ("greedy", *repetition) if self.greedy else ("sample", self.temperature, self.top_p, self.seed, *repetition)
+        )
+
+
+class _AnswerTokensOnly(LogitsProcessor):
+    """Runs a transformers logits processor on the generated tokens only.
+
+    Every row of a batch is left-padded to `prompt_width`, so `input_ids[:, prompt_width:]` is each row's answer
+    so far, whatever its prompt length. This keeps a batched row equal to the same request run alone (HF's
+    processors over the whole row would penalise the left padding, which is often the EOS token, in short
+    prompts only), and leaves the prompt out: a RAG answer should be free to copy its passages' words and the
+    `[n]` markers the prompt numbers them with.
+    """
+
+    def __init__(self, processor: LogitsProcessor, prompt_width: int):
+        self.processor = processor
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        answer = input_ids[:, self.prompt_width :]  # (B, tokens generated so far)
+        return self.processor(answer, scores) if answer.shape[1] else scores
+
+
+def repetition_processors(params: SamplingParams, prompt_width: int) -> LogitsProcessorList:
+    """transformers' RepetitionPenaltyLogitsProcessor / NoRepeatNGramLogitsProcessor for `params`, applied to
+    the answer tokens of a batch left-padded to `prompt_width` (empty when repetition control is off)."""
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(
+            _AnswerTokensOnly(RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty)), prompt_width)
+        )
+    if params.no_repeat_ngram_size > 0:
+        processors.append(_AnswerTokensOnly(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size), prompt_width))
+    return processors
 
 
 @dataclass
@@ -593,6 +650,7 @@ class Generator:
                     generation_config=gen_cfg,
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_RowStop(handles)]),
+                    logits_processor=repetition_processors(params, width),
                 )
             streamer.end()
         except Exception as exc:  # never kill the worker: fail this group's requests instead
@@ -617,4 +675,5 @@ __all__ = [
     "discover_stages",
     "order_stages",
     "eos_token_ids",
+    "repetition_processors",
 ]

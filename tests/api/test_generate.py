@@ -1,14 +1,16 @@
-"""The generator: batched == one-at-a-time greedy, stage switching without reloads, stacked == merged."""
+"""The generator: batched == one-at-a-time greedy, stage switching without reloads, stacked == merged,
+repetition control equal to transformers' logits processors on the answer tokens."""
 
 from __future__ import annotations
 
 import threading
 
 import pytest
+import torch
 from helpers import STAGES, prompt_ids
 from tiny_model import make_tiny_model, make_tiny_tokenizer
 
-from pipeline.generate import Generator, SamplingParams, StageModels, discover_stages
+from pipeline.generate import Generator, SamplingParams, StageModels, discover_stages, eos_token_ids
 from raglora.errors import RagloraError
 
 QUESTIONS = ["hello", "Do I need a building permit for an extension?", "What does a permit cost in Stockholm, roughly?"]
@@ -142,3 +144,77 @@ def test_close_drains_queued_requests_and_refuses_new(tok):
 def test_unknown_stage_is_rejected(stacked, tok):
     with pytest.raises(RagloraError, match="not available"):
         stacked.submit(prompt_ids(tok, "hi"), stage="nope")
+
+
+# -- repetition control ------------------------------------------------------------------------------------------
+
+REPEAT = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}
+
+
+def _reference_greedy(model, tok, prompt: list[int], max_new_tokens: int, penalty: float, ngram: int) -> list[int]:
+    """One prompt, no padding, no KV cache: full forward per token, transformers' own processors on the answer."""
+    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    eos = eos_token_ids(model, tok)
+    answer: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            scores = model(torch.tensor([prompt + answer])).logits[:, -1, :]
+            seen = torch.tensor([answer], dtype=torch.long)
+            if answer:
+                scores = RepetitionPenaltyLogitsProcessor(penalty)(seen, scores)
+                scores = NoRepeatNGramLogitsProcessor(ngram)(seen, scores)
+            token = int(scores.argmax(-1))
+            if token in eos:
+                break
+            answer.append(token)
+    return answer
+
+
+def _repeats_an_ngram(tokens: list[int], n: int) -> bool:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_repetition_control_equals_transformers_processors_on_the_answer(tok):
+    """Batched with left padding, the generator's penalty and n-gram ban equal HF's RepetitionPenaltyLogitsProcessor
+    and NoRepeatNGramLogitsProcessor run on each answer alone (the prompt and the padding are not penalised)."""
+    model = make_tiny_model(tok)
+    gen = Generator(StageModels(model, tok, None), batching=True, max_batch_size=8, batch_wait_ms=50)
+    try:
+        prompts = [prompt_ids(tok, q) for q in QUESTIONS]
+        params = SamplingParams(max_new_tokens=24, **REPEAT)
+        handles = [gen.submit(p, params=params) for p in prompts]
+        results = [h.result(timeout=60) for h in handles]
+        assert max(r.batch_size for r in results) > 1 and len({len(p) for p in prompts}) == 3
+        expected = [_reference_greedy(model, tok, p, 24, penalty=1.3, ngram=2) for p in prompts]
+        assert [h.token_ids for h in handles] == expected
+        plain = [gen.generate(p, params=SamplingParams(max_new_tokens=24)).text for p in prompts]
+        assert plain != [r.text for r in results]  # the control changed what the random model writes
+    finally:
+        gen.close()
+
+
+def test_no_repeat_ngram_stops_a_loop(stacked, tok):
+    p = prompt_ids(tok, QUESTIONS[0])
+    off = stacked.submit(p, params=SamplingParams(max_new_tokens=40))
+    on = stacked.submit(p, params=SamplingParams(max_new_tokens=40, no_repeat_ngram_size=3))
+    off.result(timeout=60), on.result(timeout=60)
+    assert _repeats_an_ngram(off.token_ids, 3)  # the random model loops when nothing stops it
+    assert not _repeats_an_ngram(on.token_ids, 3)
+
+
+@pytest.mark.parametrize("stage", [None, "subdomain"])
+def test_batched_equals_sequential_with_repetition_control(stacked, tok, stage):
+    params = SamplingParams(max_new_tokens=16, **REPEAT)
+    prompts = [prompt_ids(tok, q) for q in QUESTIONS]
+    sequential = [stacked.generate(p, stage=stage, params=params).text for p in prompts]
+    handles = [stacked.submit(p, stage=stage, params=params) for p in prompts]
+    assert [h.result(timeout=30).text for h in handles] == sequential
+    assert max(h.batch_size for h in handles) > 1
+
+
+@pytest.mark.parametrize("bad", [{"repetition_penalty": 0.0}, {"no_repeat_ngram_size": -1}])
+def test_bad_repetition_settings_are_clear_errors(bad):
+    with pytest.raises(RagloraError, match=next(iter(bad))):
+        SamplingParams(**bad)
