@@ -32,6 +32,7 @@ class PathsConfig(BaseModel):
     adapters_dir: str = "artifacts/adapters"
     base_cache_dir: str = "artifacts/base"
     reports_dir: str = "reports"
+    gate_dir: str = "artifacts/gate"  # the answerability gate (`raglora gate`)
 
 
 SourceFormat = Literal["auto", "qa", "alpaca", "sharegpt", "messages"]
@@ -129,6 +130,19 @@ class EvalConfig(BaseModel):
         return v
 
 
+class GateConfig(BaseModel):
+    """The `gate` section: how `raglora gate` fits the answerability gate (pipeline/gate.py) on validation data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The threshold is the highest whose share of refused answerable validation questions is at most this.
+    target_false_refusal: float = Field(0.05, ge=0, lt=1)
+    # Fewer examples than this in a class (answerable / unanswerable): no gate, serve.handoff_threshold is used.
+    min_per_class: int = Field(20, ge=2)
+    max_off_topic: int = Field(100, ge=0)  # off-topic train questions sampled as unanswerable examples
+    seed: int = 13
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -140,6 +154,7 @@ class Config(BaseModel):
     model: ModelConfig = ModelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     serve: ServeConfig = ServeConfig()
+    gate: GateConfig = GateConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
