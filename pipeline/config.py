@@ -90,17 +90,25 @@ class DataConfig(BaseModel):
         return self
 
 
+EvalKind = Literal["kb", "gold_removed", "near_domain", "out_of_kb", "general"]
+#: Kinds whose right reply is a hand-over (unanswerable from the documents as retrieval sees them).
+UNANSWERABLE_KINDS = ("gold_removed", "near_domain", "out_of_kb")
+
+
 class EvalSetConfig(BaseModel):
-    """One evaluation set: `from` is `held_out:<stage>` (that stage's test split), `out_of_kb` (the data
-    step's unanswerable questions) or a file; `kind` says how it is scored (default: inferred)."""
+    """One evaluation set: `from` is `held_out:<stage>` (that stage's test split), `gold_removed:<stage>` (the same
+    rows asked with their gold chunks removed from retrieval), `out_of_kb` (the data step's off-topic questions)
+    or a file; `kind` says how it is scored (default: inferred)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     from_: str = Field(alias="from", min_length=1)
-    # kb: answerable from the documents; out_of_kb: the right reply is a hand-over; general: no documents,
-    # measures forgetting of the closed-book arms. None: out_of_kb for `out_of_kb` and files without answers,
-    # general for a stage trained only on packaged general conversation, else kb.
-    kind: Literal["kb", "out_of_kb", "general"] | None = None
+    # kb: answerable from the documents; gold_removed: held-out Q/A rows asked with their gold chunks removed from
+    # retrieval (right reply: hand-over); near_domain: a file of in-domain-sounding questions no document answers
+    # (right reply: hand-over); out_of_kb: off topic (right reply: hand-over); general: no documents, measures
+    # forgetting of the closed-book arms. None: gold_removed for `gold_removed:<stage>`, out_of_kb for `out_of_kb`
+    # and files without answers, general for a stage trained only on packaged general conversation, else kb.
+    kind: EvalKind | None = None
     limit: int | None = Field(None, ge=0)  # first N rows (files are sorted by id); 0 switches the set off
 
 
@@ -170,7 +178,7 @@ class Config(BaseModel):
                     f"finetune.stages[{stage.name}].sources: unknown source {unknown[0]!r} (known: {known})"
                 )
         for name, spec in self.eval.sets.items():
-            if spec.from_.startswith("held_out:") and spec.from_.split(":", 1)[1] not in stages:
+            if spec.from_.startswith(("held_out:", "gold_removed:")) and spec.from_.split(":", 1)[1] not in stages:
                 raise ValueError(f"eval.sets.{name}: {spec.from_!r} names no stage (stages: {', '.join(stages)})")
         if self.serve.default_stage is not None and stages and self.serve.default_stage not in stages:
             raise ValueError(f"serve.default_stage: {self.serve.default_stage!r} is not a stage ({', '.join(stages)})")
@@ -304,31 +312,44 @@ class EvalSet(BaseModel):
 
     name: str
     path: str
-    kind: Literal["kb", "out_of_kb", "general"]
+    kind: EvalKind
     limit: int
-    stage: str | None = None  # the stage a held_out:<stage> set is held out of
+    stage: str | None = None  # the stage a held_out:<stage> / gold_removed:<stage> set is held out of
 
 
 def resolve_eval_sets(cfg: Config, limit: int | None = None) -> list[EvalSet]:
-    """eval.sets (or the default: held_out:<stage> for every chat stage plus out_of_kb) as files and kinds.
+    """eval.sets (or the default: held_out:<stage> for every chat stage, gold_removed:<stage> for those that are not
+    general conversation, plus out_of_kb) as files and kinds.
 
     `limit` (the CLI's --limit) caps every set on top of its own limit.
     """
     data = Path(cfg.paths.data_dir)
     stages = {s.name: s for s in cfg.finetune.stages}
+    sources = {s.name: s.path for s in cfg.data.sources}
+
+    def general(stage) -> bool:
+        return bool(stage.sources) and all(sources.get(s) == GENERAL_SOURCE for s in stage.sources)
+
+    chat = [s for s in cfg.finetune.stages if s.kind == "chat"]
     specs = cfg.eval.sets or {
-        **{s.name: EvalSetConfig(**{"from": f"held_out:{s.name}"}) for s in cfg.finetune.stages if s.kind == "chat"},
+        **{s.name: EvalSetConfig(**{"from": f"held_out:{s.name}"}) for s in chat},
+        **{
+            f"gold_removed_{s.name}": EvalSetConfig(**{"from": f"gold_removed:{s.name}"})
+            for s in chat
+            if not general(s)
+        },
         "out_of_kb": EvalSetConfig(**{"from": "out_of_kb"}),
     }
-    sources = {s.name: s.path for s in cfg.data.sources}
     out = []
     for name, spec in specs.items():
         stage_name = None
-        if spec.from_.startswith("held_out:"):
+        if spec.from_.startswith(("held_out:", "gold_removed:")):
             stage = stages[spec.from_.split(":", 1)[1]]
             stage_name, path = stage.name, data / stage.name / "test.jsonl"
-            general = bool(stage.sources) and all(sources.get(s) == GENERAL_SOURCE for s in stage.sources)
-            kind = spec.kind or ("general" if general else "kb")
+            if spec.from_.startswith("gold_removed:"):
+                kind = "gold_removed"  # the rows are answerable; what makes them unanswerable is the removal
+            else:
+                kind = spec.kind or ("general" if general(stage) else "kb")
         elif spec.from_ == "out_of_kb":
             path, kind = data / OUT_OF_KB_FILE, spec.kind or "out_of_kb"
         else:

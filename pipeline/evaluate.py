@@ -5,10 +5,19 @@ order of the trained manifests' parent chain, and `oracle` (the deepest stage gi
 from the index as its only context: the upper bound for generation).
 
 Test sets come from `eval.sets` (`pipeline.config.resolve_eval_sets`), each of one kind:
-  - `kb`: answerable from the documents: answer quality, false refusals, and with retrieval groundedness,
-    citations and hit@k against the gold passages (`retriever.gold.GoldFinder`; no gold -> n/a, never 0);
-  - `out_of_kb`: the right reply is a hand-over (refusal rate); a file set whose rows have no answers is one;
+  - `kb`: answerable from the documents: answer quality, false refusals, citations, and with retrieval
+    groundedness and hit@k against the gold passages (`retriever.gold.GoldFinder`; no gold -> n/a, never 0);
+  - `gold_removed`: held-out Q/A rows asked with every gold chunk (by source/id and by content) removed from
+    retrieval: the passages look relevant but hold no answer, so the right reply is a hand-over (RAG arms only);
+  - `near_domain`: a file of in-domain-sounding questions that no document answers: the right reply is a hand-over;
+  - `out_of_kb` (off topic): the right reply is a hand-over; a file set whose rows have no answers is one;
   - `general`: general conversation without documents: closed-book arms only, to measure forgetting.
+
+Per arm, as in Trust-Score (Song et al., ICLR 2025): grounded-refusal F1 over answerable + unanswerable items,
+answer correctness (token F1) on the answerable items the arm answered, citation precision/recall/F1 judged by
+the calibrated groundedness judge (`pipeline.metrics.Judge`), and their mean, the trust score. RAG answers are
+scored as serving shows them (`AnswerService.verify`: verified citations, hand-over when the policy says so);
+the model's own raw markers are scored too, as `model_citation_*`.
 
 The report shows each stage's paired gain over its parent on the stage's own held-out set (closed book and with
 retrieval) and forgetting measured on answers (token F1 on every `general` set) beside the validation-loss figure
@@ -20,6 +29,7 @@ length so a batch wastes little on padding. Every metric gets a 95% bootstrap in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,14 +47,28 @@ from pipeline.config import EvalConfig, EvalSet, resolve_eval_sets
 from pipeline.routing import LORA_MODES, RAG_MODES
 from pipeline.sources import detect_fields, read_records
 from raglora.errors import RagloraError
+from raglora.files import read_jsonl
 from retriever.evaluate import hit_ks, retrieval_hits
 
 KIND_DESCRIPTIONS = {
     "kb": "answerable from the knowledge base",
-    "out_of_kb": "outside the knowledge base: the right reply is a hand-over (refusal rate)",
+    "gold_removed": "asked with their gold passages removed from retrieval: the passages look relevant but hold no "
+    "answer, so the right reply is a hand-over (refusal rate; retrieval arms only)",
+    "near_domain": "questions a customer could ask that no document answers: the right reply is a hand-over "
+    "(refusal rate)",
+    "out_of_kb": "off topic, outside the knowledge base: the right reply is a hand-over (refusal rate)",
     "general": "general conversation without documents: closed-book arms only, measures forgetting",
 }
+#: The headline refusal-rate metric of each unanswerable kind ("out_of_kb" reads "off topic" in the report).
+REFUSAL_METRIC = {
+    "gold_removed": "refusal_gold_removed",
+    "near_domain": "refusal_near_domain",
+    "out_of_kb": "refusal_off_topic",
+}
+HARD_UNANSWERABLE = ("gold_removed", "near_domain")  # in-domain-sounding: pooled as refusal_in_domain_unanswerable
 QUALITY = ("token_f1", "rouge_l", "semantic_similarity")
+CITATION = ("citation_rate", "citation_precision", "citation_recall")
+MODEL_CITATION = ("model_citation_rate", "model_citation_precision", "model_citation_recall")
 GAIN_METRIC = "token_f1"
 KNOWN_ARMS = ("base", "rag", "lora", "rag+lora", "oracle")
 
@@ -60,8 +84,9 @@ class TestSet:
     kind: str
     path: str
     rows: list[dict]
-    held_out_of: str | None = None  # the stage whose held-out split this is (held_out:<stage>), if any
+    held_out_of: str | None = None  # the stage whose held-out split this is (held_out:/gold_removed:<stage>)
     notes: list[str] = field(default_factory=list)
+    limit: int | None = None  # gold_removed: applied once rows without gold are dropped (`assign_gold`)
 
 
 def map_columns(records: list[dict]) -> list[dict]:
@@ -104,28 +129,59 @@ def parse_row(row: dict) -> dict:
     }
 
 
+def check_near_domain_rows(records: list[dict], path: Path, name: str) -> None:
+    """A near-domain file holds questions only: a row without a question, with an answer, or with an id an
+    earlier row has is an error naming the row (its line in a JSONL file)."""
+    numbers = [n for n, _ in read_jsonl(path)] if path.suffix.lower() == ".jsonl" else range(1, len(records) + 1)
+    where = "line" if path.suffix.lower() == ".jsonl" else "row"
+    seen: dict[str, int] = {}
+    for n, r in zip(numbers, records, strict=True):
+        at = f"eval set {name!r}: {path} {where} {n}"
+        question = r.get("question")
+        if not isinstance(question, str) or not question.strip():
+            got = "missing" if question is None else f"{type(question).__name__} {str(question)[:40]!r}"
+            raise RagloraError(f'{at}: a near-domain row needs a non-empty text "question" (got {got})')
+        answer = r.get("answer")
+        if answer is not None and str(answer).strip():
+            raise RagloraError(
+                f"{at}: has an answer, but near-domain questions are ones no document answers "
+                "(put answerable questions in a set of kind kb)"
+            )
+        row_id = r.get("id")
+        if row_id is not None and str(row_id).strip():
+            if str(row_id) in seen:
+                raise RagloraError(f"{at}: id {str(row_id)!r} repeats {where} {seen[str(row_id)]}")
+            seen[str(row_id)] = n
+
+
 def load_test_set(spec: EvalSet, *, held_out_of: str | None = None) -> TestSet:
-    """Read and parse one resolved set, capped at its limit; a set whose rows have no answers is out_of_kb."""
+    """Read and parse one resolved set, capped at its limit; a kb/general set whose rows have no answers is
+    out_of_kb. A near-domain file is checked row by row; a gold_removed set keeps every row until `assign_gold`
+    knows which have gold."""
     path = Path(spec.path)
     fix = "run `raglora data`" + (f" (or fix eval.sets.{spec.name})" if held_out_of is None else "")
     if not path.is_file():
         raise RagloraError(f"eval set {spec.name!r}: {path} is missing: {fix}")
     records = map_columns(read_records(path) if path.read_bytes().strip() else [])
+    if spec.kind == "near_domain":
+        check_near_domain_rows(records, path, spec.name)
     rows = [r for r in (parse_row(r) for r in records) if r["question"]]
     if not rows:
         raise RagloraError(f"eval set {spec.name!r}: {path} has no questions: {fix}")
     kind, notes = spec.kind, []
-    if kind != "out_of_kb" and not any(r["reference"] for r in rows):
+    if kind in ("kb", "general") and not any(r["reference"] for r in rows):
         kind = "out_of_kb"
         notes.append(f"{spec.name}: no row of {path.name} has an answer, so it is scored as out_of_kb (refusals)")
-    if kind == "out_of_kb":
+    if kind in ("out_of_kb", "near_domain"):
         for r in rows:
             r["reference"] = None
-    else:
+    elif kind != "gold_removed":  # gold_removed keeps rows without an answer: their id or source may name gold
         missing = [r["id"] for r in rows if r["reference"] is None]
         if missing:
             notes.append(f"{spec.name}: {len(missing)} row(s) without an answer skipped (e.g. {missing[0]})")
         rows = [r for r in rows if r["reference"] is not None]
+    if kind == "gold_removed":
+        return TestSet(spec.name, kind, str(path), rows, held_out_of, notes, limit=spec.limit)
     return TestSet(spec.name, kind, str(path), rows[: spec.limit], held_out_of, notes)
 
 
@@ -138,17 +194,31 @@ def load_test_sets(cfg, limit: int | None = None) -> list[TestSet]:
 
 
 def assign_gold(sets: list[TestSet], index) -> None:
-    """Gold chunk ids of every kb row (empty: no defined gold, so its retrieval metrics read n/a)."""
+    """Gold chunk ids of every kb row (empty: no defined gold, so its retrieval metrics read n/a) and of every
+    gold_removed row: there every chunk found by source/id AND by content, so that near-duplicate answers elsewhere
+    in the knowledge base are removed too. gold_removed rows without any gold are dropped (with a note), then the
+    set is capped at its limit."""
     from retriever.gold import GoldFinder
 
     finder = GoldFinder(index.chunks) if index is not None else None
     for ts in sets:
         for r in ts.rows:
-            r["gold"] = (
-                finder.find({"id": r["id"], "source": r["source"], "answer": r["reference"]})
-                if finder is not None and ts.kind == "kb"
-                else []
-            )
+            row = {"id": r["id"], "source": r["source"], "answer": r["reference"]}
+            if finder is None or ts.kind not in ("kb", "gold_removed"):
+                r["gold"] = []
+            elif ts.kind == "kb":
+                r["gold"] = finder.find(row)
+            else:
+                r["gold"] = list(dict.fromkeys(finder.by_source(row) + finder.by_content(r["reference"])))
+        if ts.kind == "gold_removed":
+            kept = [r for r in ts.rows if r["gold"]]
+            if len(kept) < len(ts.rows):
+                why = "there is no index" if finder is None else "no chunk matches their id, source or answer"
+                ts.notes.append(
+                    f"{ts.name}: {len(ts.rows) - len(kept)} of {len(ts.rows)} row(s) dropped: no gold passage to "
+                    f"remove ({why})"
+                )
+            ts.rows = kept[: ts.limit]
 
 
 # -- arms ---------------------------------------------------------------------------------------------------
@@ -198,73 +268,115 @@ def plan_arms(
 
 
 def arm_kinds(arm: dict) -> tuple[str, ...]:
-    """Which kinds of set an arm answers: general sets have no documents, so only closed-book arms take them."""
+    """Which kinds of set an arm answers: general sets have no documents, so only closed-book arms take them;
+    gold_removed needs retrieval to remove from, so only retrieval arms take it; the oracle answers kb only."""
     if arm["oracle"]:
         return ("kb",)
-    return ("kb", "out_of_kb", "general") if arm["mode"] in ("base", "lora") else ("kb", "out_of_kb")
+    if arm["mode"] in ("base", "lora"):
+        return ("kb", "near_domain", "out_of_kb", "general")
+    return ("kb", "gold_removed", "near_domain", "out_of_kb")
 
 
 # -- generation -----------------------------------------------------------------------------------------------
 
 
-def answer_all(service, arm: dict, questions: list[dict], params, *, k: int, desc: str) -> list[dict]:
-    """Prepare every prompt, generate them in length-sorted batches, return one record per question."""
+def answer_all(
+    service, arm: dict, questions: list[dict], params, *, k: int, desc: str, remove_gold: bool = False
+) -> tuple[list[dict], float]:
+    """Prepare every prompt, generate them in length-sorted batches, and check each RAG answer as serving does.
+
+    `remove_gold`: retrieve without the question's gold chunks (a gold_removed set). A RAG answer is shown as
+    `service.verify` returns it (verified markers; the citation policy's hand-over counts as a hand-over); the
+    model's own text stays in `raw_answer`. Returns (one record per question, wall seconds of the generation).
+    """
+    from pipeline.answer import Prepared
+
     chunks = {c.chunk_id: c for c in service.index.chunks} if service.index is not None else {}
-    prepared = []
+    prepared: list[Prepared] = []
     for q in questions:
         if arm["oracle"]:
             gold = [chunks[c] for c in q["gold"] if c in chunks][:k]
             gold_ctx = [{"text": c.text, "title": c.title, "source": c.source, "chunk_id": c.chunk_id} for c in gold]
-            _, ids, _, used = service.build_prompt(
+            messages, ids, dropped, used = service.build_prompt(
                 q["question"], gold_ctx, list(q["history"]), service.rag_system_prompt, params.max_new_tokens
             )
-            citations = [
-                {"n": n, "source": c["source"], "title": c["title"], "chunk_id": c["chunk_id"], "score": 1.0}
-                for n, c in enumerate(used or [], start=1)
-            ]
-            contexts = [c["text"] for c in used or []]
-            prepared.append({"ids": ids, "citations": citations, "contexts": contexts, "handoff": None})
-        else:
-            p = service.prepare(
-                q["question"],
-                list(q["history"]),
-                mode=arm["mode"],
-                stage=arm["stage"],
-                max_new_tokens=params.max_new_tokens,
-            )
-            contexts = [chunks[c["chunk_id"]].text if c["chunk_id"] in chunks else "" for c in p.citations]
+            citations = [{**c, "n": n, "score": 1.0} for n, c in enumerate(used or [], start=1)]
             prepared.append(
-                {"ids": p.prompt_ids, "citations": p.citations, "contexts": contexts, "handoff": p.handoff_text}
+                Prepared(
+                    mode=arm["mode"],
+                    stage=arm["stage"],
+                    question=q["question"],
+                    messages=messages,
+                    prompt_ids=ids,
+                    citations=citations,
+                    retrieval_query=None,
+                    handoff_reason=None,
+                    dropped_history=dropped,
+                    retrieval_ms=0.0,
+                )
             )
-    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i]["ids"]))
+        else:
+            prepared.append(
+                service.prepare(
+                    q["question"],
+                    list(q["history"]),
+                    mode=arm["mode"],
+                    stage=arm["stage"],
+                    max_new_tokens=params.max_new_tokens,
+                    exclude_chunks=q["gold"] if remove_gold else (),
+                )
+            )
+    rag = arm["mode"] in RAG_MODES
+    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i].prompt_ids))
+    t0 = time.perf_counter()
     handles = {}
     for i in order:
-        if prepared[i]["handoff"] is None:
-            handles[i] = service.generator.submit(prepared[i]["ids"], stage=arm["stage"], params=params)
+        if prepared[i].handoff_reason is None:
+            handles[i] = service.generator.submit(prepared[i].prompt_ids, stage=arm["stage"], params=params)
+    results = {i: h.result() for i, h in handles.items()}
+    seconds = time.perf_counter() - t0 if handles else 0.0
     records = []
     for i, q in enumerate(tqdm(questions, desc=desc, unit="q", leave=False)):
         p = prepared[i]
-        if i in handles:
-            res = handles[i].result()
-            text, n_tokens, seconds = res.text.strip(), res.completion_tokens, res.total_s
+        record = {
+            "id": q["id"],
+            "question": q["question"],
+            "reference": q["reference"],
+            "gold": q.get("gold") or [],
+            "gold_removed": bool(remove_gold),
+            "prompt": service.tokenizer.decode(p.prompt_ids),
+            "contexts": [
+                c.get("text") or (chunks[c["chunk_id"]].text if c.get("chunk_id") in chunks else "")
+                for c in p.citations
+            ],
+            "citations": p.citations,  # the prompt's passages, [n] = n-th
+            "handoff": p.handoff_reason is not None,
+            "handoff_reason": p.handoff_reason,
+            "completion_tokens": results[i].completion_tokens if i in results else 0,
+        }
+        if i not in results:
+            record.update(answer=p.handoff_text or "", raw_answer=None, shown_citations=[])
         else:
-            text, n_tokens, seconds = p["handoff"], 0, 0.0
-        records.append(
-            {
-                "id": q["id"],
-                "question": q["question"],
-                "reference": q["reference"],
-                "gold": q.get("gold") or [],
-                "answer": text,
-                "prompt": service.tokenizer.decode(p["ids"]),
-                "contexts": p["contexts"],
-                "citations": p["citations"],
-                "handoff": p["handoff"] is not None,
-                "completion_tokens": n_tokens,
-                "latency_s": seconds,
-            }
-        )
-    return records
+            raw = results[i].text.strip()
+            record.update(answer=raw, raw_answer=raw, shown_citations=[])
+            if rag and hasattr(service, "verify"):
+                v = service.verify(p, raw)
+                record.update(
+                    answer=v.text,
+                    shown_citations=v.citations,
+                    unsupported=v.unsupported,
+                    rejected_citations=v.rejected,
+                )
+                if v.handover:
+                    record.update(
+                        answer=service.no_answer_reply,
+                        shown_citations=[],
+                        handoff=True,
+                        handoff_reason=f"citation policy {getattr(service, 'citation_policy', '?')!r}: "
+                        f"{len(v.unsupported)} unsupported sentence(s)",
+                    )
+        records.append(record)
+    return records, seconds
 
 
 # -- scoring ------------------------------------------------------------------------------------------------
@@ -276,43 +388,118 @@ def score_records(
     *,
     rag: bool,
     embed,
-    threshold: float,
+    judge: M.Judge,
     ks: tuple[int, ...] = (1, 3),
     refusal_replies: tuple[str, ...] = (),
 ) -> None:
     """Add `scores` to every record in place (one value per metric; nan where it does not apply).
 
-    hit@k, MRR and citation precision are nan for a question without a defined gold passage. An answer refuses
-    when it was handed over, reads as a refusal, or contains one of `refusal_replies` (the project's own texts).
+    An answer refuses when it was handed over, reads as a refusal, or contains one of `refusal_replies` (the
+    project's own texts). Answer quality and citations are scored on the answerable questions the arm answered.
+    Citations count only markers of the prompt's passages (a closed-book answer has none: it cannot cite);
+    `model_citation_*` score the model's raw text, the plain names what was shown. hit@k, MRR and
+    citation_gold_precision are nan for a question without a defined gold passage.
     """
-    answered = [r for r in records if r["reference"] is not None]
+    answerable = kind in ("kb", "general")
+    refused_of = {id(r): bool(r["handoff"] or M.is_refusal(r["answer"], refusal_replies)) for r in records}
+    answered = [r for r in records if answerable and r["reference"] is not None and not refused_of[id(r)]]
     if answered and embed is not None:
         sims = M.semantic_similarity(
             embed([r["answer"] or " " for r in answered]), embed([r["reference"] for r in answered])
         )
     else:
         sims = [math.nan] * len(answered)
-    sim_of = {id(r): float(s) for r, s in zip(answered, sims, strict=True)}
+    sim_of = {id(r): float(x) for r, x in zip(answered, sims, strict=True)}
     for r in records:
-        refused = r["handoff"] or M.is_refusal(r["answer"], refusal_replies)
-        s: dict[str, float] = {"refusal_rate": float(refused)}
-        if r["reference"] is not None:
-            s["token_f1"] = M.token_f1(r["answer"], r["reference"])
-            s["rouge_l"] = M.rouge_l(r["answer"], r["reference"])
-            s["semantic_similarity"] = sim_of[id(r)]
+        refused = refused_of[id(r)]
+        s: dict[str, float] = {}
+        if not answerable:
+            s["refusal_rate"] = float(refused)
+        if answerable and r["reference"] is not None:
+            s["token_f1"] = math.nan if refused else M.token_f1(r["answer"], r["reference"])
+            s["rouge_l"] = math.nan if refused else M.rouge_l(r["answer"], r["reference"])
+            s["semantic_similarity"] = sim_of.get(id(r), math.nan)
         if kind == "kb":
             s["false_refusal_rate"] = float(refused)
+            passages = {c["n"]: str(c.get("text") or ctx) for c, ctx in zip(r["citations"], r["contexts"], strict=True)}
+            shown = _citation_scores(r["answer"], passages, judge, refused)
+            s.update({f"citation_{m}": v for m, v in shown.items()})
             if rag:
-                s["groundedness"] = M.groundedness(r["answer"], r["contexts"], embed=embed, threshold=threshold)
+                raw = r.get("raw_answer") if r.get("raw_answer") is not None else r["answer"]
+                s.update({f"model_citation_{m}": v for m, v in _citation_scores(raw, passages, judge, refused).items()})
+                s["groundedness"] = (
+                    math.nan
+                    if refused
+                    else M.groundedness(r["answer"], r["contexts"], embed=judge.embed, threshold=judge.threshold)
+                )
                 by_number = {c["n"]: c.get("chunk_id") for c in r["citations"]}
-                s["citation_precision"] = M.citation_precision(r["answer"], by_number, r["gold"])
-                s["has_citation"] = float(M.has_citation(r["answer"]))
+                s["citation_gold_precision"] = M.citation_precision(r["answer"], by_number, r["gold"])
                 s.update(retrieval_hits([c.get("chunk_id") for c in r["citations"]], r["gold"], ks=ks))
+        r["refused"] = refused
         r["scores"] = s
 
 
+def _citation_scores(answer: str, passages: dict[int, str], judge: M.Judge, refused: bool) -> dict[str, float]:
+    """rate / precision / recall of one answer's citations of the prompt's passages (all nan for a refusal)."""
+    if refused:
+        return {"rate": math.nan, "precision": math.nan, "recall": math.nan}
+    cited = {n for _, ns in M.cited_sentences(answer) for n in ns}
+    return {"rate": float(bool(cited & set(passages))), **M.citation_scores(answer, passages, judge)}
+
+
 def rag_metrics(ks: tuple[int, ...]) -> tuple[str, ...]:
-    return ("groundedness", "citation_precision", "has_citation", *(f"hit@{k}" for k in ks), "mrr")
+    return (*MODEL_CITATION, "groundedness", "citation_gold_precision", *(f"hit@{k}" for k in ks), "mrr")
+
+
+def cached_embed(embed):
+    """`embed` with a per-text cache: the same passages and answers are judged for many arms."""
+    cache: dict[str, np.ndarray] = {}
+
+    def cached(texts):
+        texts = list(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            cache.update(zip(missing, np.asarray(embed(missing)), strict=True))
+        return np.stack([cache[t] for t in texts]) if texts else np.zeros((0, 0))
+
+    return cached
+
+
+def arm_metrics(records: list[dict], kind_of: dict[str, str], *, rag: bool, ks: tuple[int, ...], n: int) -> dict:
+    """The headline metrics of one arm (95% CIs): trust score and its parts over answerable (kb) + unanswerable
+    items, answer quality, citations and refusals on the kb sets, the refusal rate of each unanswerable kind."""
+    kb = [r for r in records if kind_of[r["test_set"]] == "kb"]
+    unanswerable = [r for r in records if kind_of[r["test_set"]] in REFUSAL_METRIC]
+    out: dict[str, dict] = {}
+    if kb or unanswerable:
+        items = [
+            {
+                "answerable": kind_of[r["test_set"]] == "kb",
+                "refused": r["refused"],
+                "correctness": r["scores"].get("token_f1"),
+                "citation_precision": r["scores"].get("citation_precision"),
+                "citation_recall": r["scores"].get("citation_recall"),
+            }
+            for r in kb + unanswerable
+        ]
+        trust = M.trust_metrics(items, n_resamples=n)
+        out.update({k: trust[k] for k in ("trust_score", "grounded_refusal_f1", "citation_f1")})
+        if rag:
+            for it, r in zip(items, kb + unanswerable, strict=True):
+                it["citation_precision"] = r["scores"].get("model_citation_precision")
+                it["citation_recall"] = r["scores"].get("model_citation_recall")
+            out["model_citation_f1"] = M.trust_metrics(items, n_resamples=n)["citation_f1"]
+    if kb:
+        names = [*QUALITY, "false_refusal_rate", *CITATION, *(rag_metrics(ks) if rag else ())]
+        out.update(M.summarize(kb, names, n_resamples=n))
+    for kind, metric in REFUSAL_METRIC.items():
+        rows = [r for r in records if kind_of[r["test_set"]] == kind]
+        if rows:
+            out[metric] = M.summarize(rows, ["refusal_rate"], n_resamples=n)["refusal_rate"]
+    hard = [r for r in records if kind_of[r["test_set"]] in HARD_UNANSWERABLE]
+    if hard:
+        out["refusal_in_domain_unanswerable"] = M.summarize(hard, ["refusal_rate"], n_resamples=n)["refusal_rate"]
+    return out
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -380,6 +567,7 @@ def measure_speedup(service, questions: list[dict], params, *, desc: str = "spee
         "one_at_a_time_s": round(t_single, 3),
         "batched_s": round(t_batched, 3),
         "speedup": round(t_single / t_batched, 2) if t_batched > 0 else None,
+        "seconds_per_answer_alone": round(t_single / len(ids), 3) if ids else None,  # one answer's own latency
         "identical_outputs": single == batched,
     }
 
@@ -408,7 +596,6 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
 
     ec: EvalConfig = cfg.eval
     sets = load_test_sets(cfg, limit)
-    notes = [n for ts in sets for n in ts.notes]
     if service is None:
         serve = ServeConfig(
             **{**cfg.serve.model_dump(), "batching": True, "max_batch_size": ec.batch_size, "batch_wait_ms": 50}
@@ -416,6 +603,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
         service = build_service(cfg, serve=serve, with_store=False)
     has_index = service.index is not None
     assign_gold(sets, service.index)
+    notes = [n for ts in sets for n in ts.notes]
     for ts in sets:
         if ts.kind == "kb" and has_index:
             missing = sum(1 for r in ts.rows if not r["gold"])
@@ -438,15 +626,25 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
 
         embedder = load_embedder(cfg.index.embedder)
 
-    def embed(texts):
-        return embedder.encode(list(texts), batch_size=64)
-
+    embed = cached_embed(lambda texts: embedder.encode(list(texts), batch_size=64))
     k = _retrieval_k(service, cfg)
     ks = hit_ks(k)
     calibration = M.calibrate_judge(
         [c.text for c in service.index.chunks] if has_index else [], embed, ec.calibration_pairs
     )
-    threshold = float(calibration.get("threshold", 0.6))
+    # One judge verifies what serving shows and scores it: serving's own when it has one (same embedder).
+    served = getattr(service, "judge", None)
+    if served is not None and served.embed is not None:
+        judge = dataclasses.replace(served, embed=cached_embed(served.embed))
+        if not math.isclose(judge.threshold, calibration["threshold"], abs_tol=1e-9):
+            notes.append(
+                f"the citation judge is serving's (threshold {judge.threshold:.3f}), not this run's calibration "
+                f"({calibration['threshold']:.3f}), so that evaluation scores what serving shows"
+            )
+            calibration["threshold_used"] = judge.threshold
+    else:
+        judge = M.Judge(embed=embed, threshold=float(calibration.get("threshold", 0.6)))
+    service.judge = judge
     params = SamplingParams(max_new_tokens=ec.max_new_tokens)
     replies = (cfg.project.no_answer_reply, cfg.project.handoff_reply)
     kind_of = {ts.name: ts.kind for ts in sets}
@@ -456,6 +654,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
     for name, arm in arms.items():
         rag = arm["mode"] in RAG_MODES
         records: list[dict] = []
+        gen_s = 0.0
         t0 = time.perf_counter()
         for ts in sets:
             if ts.kind not in arm_kinds(arm):
@@ -463,43 +662,35 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
             rows = [r for r in ts.rows if r["gold"]] if arm["oracle"] else ts.rows
             if not rows:
                 continue
-            recs = answer_all(service, arm, rows, params, k=k, desc=f"{name}/{ts.name}")
+            recs, seconds = answer_all(
+                service, arm, rows, params, k=k, desc=f"{name}/{ts.name}", remove_gold=ts.kind == "gold_removed"
+            )
+            gen_s += seconds
             for r in recs:
                 r["test_set"] = ts.name
-            score_records(recs, ts.kind, rag=rag, embed=embed, threshold=threshold, ks=ks, refusal_replies=replies)
+            score_records(recs, ts.kind, rag=rag, embed=embed, judge=judge, ks=ks, refusal_replies=replies)
             records += recs
         if not records:
             results_arms[name] = {"skipped": "no test set applies to this arm"}
             continue
-        seconds = time.perf_counter() - t0
         by_set = {}
         for test_set in dict.fromkeys(r["test_set"] for r in records):
             rows = [r for r in records if r["test_set"] == test_set]
             names = sorted({m for r in rows for m in r["scores"]})
             by_set[test_set] = M.summarize(rows, names, n_resamples=ec.bootstrap_resamples)
-        in_domain = [r for r in records if r["test_set"] in kb_sets]
-        headline_names = [*QUALITY, "false_refusal_rate", *(rag_metrics(ks) if rag else ())]
-        headline = M.summarize(in_domain, headline_names, n_resamples=ec.bootstrap_resamples) if in_domain else {}
-        out_of_kb = [r for r in records if kind_of[r["test_set"]] == "out_of_kb"]
-        if out_of_kb:
-            headline.update(M.summarize(out_of_kb, ["refusal_rate"], n_resamples=ec.bootstrap_resamples))
-        latencies = [r["latency_s"] for r in records if not r["handoff"]]
+        generated = sum(1 for r in records if r["raw_answer"] is not None)
         tokens = sum(r["completion_tokens"] for r in records)
-        point, low, high = M.bootstrap_ci(latencies, n_resamples=ec.bootstrap_resamples)
         results_arms[name] = {
             "description": _describe(name, arm),
-            "metrics": headline,
+            "metrics": arm_metrics(records, kind_of, rag=rag, ks=ks, n=ec.bootstrap_resamples),
             "by_test_set": by_set,
-            "latency_s": {
-                "mean": point,
-                "low": low,
-                "high": high,
-                "n": len(latencies),
-                "p50": float(np.median(latencies)) if latencies else math.nan,
-                "p95": float(np.percentile(latencies, 95)) if latencies else math.nan,
-            },
-            "tokens_per_s": tokens / seconds if seconds > 0 else math.nan,
-            "wall_s": seconds,
+            # Answers are generated in batches of up to eval.batch_size, so one answer's own latency is not
+            # observable here: this is the batched generation's wall time divided by the answers it generated.
+            "batch_s_per_answer": gen_s / generated if generated else math.nan,
+            "generated": generated,
+            "batch_size": ec.batch_size,
+            "tokens_per_s": tokens / gen_s if gen_s > 0 else math.nan,
+            "wall_s": time.perf_counter() - t0,
             "answers": records,
         }
     n = ec.bootstrap_resamples
@@ -515,7 +706,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
     stage_info = _stage_summaries(cfg.paths.adapters_dir, stages) if stages else {}
     own_sets: dict[str, list[str]] = {}
     for ts in sets:
-        if ts.held_out_of:
+        if ts.held_out_of and ts.kind in ("kb", "general"):  # not gold_removed: its right reply is a hand-over
             own_sets.setdefault(ts.held_out_of, []).append(ts.name)
     gains = stage_gains(results_arms, stages, parents, own_sets, n)
     forgetting = forgetting_on_answers(results_arms, stages, parents, sets, stage_info, n)
@@ -548,7 +739,10 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
         "headline": {
             "kb_sets": [ts.name for ts in sets if ts.kind == "kb"],
             "out_of_kb_sets": [ts.name for ts in sets if ts.kind == "out_of_kb"],
+            "unanswerable_sets": {kind: [ts.name for ts in sets if ts.kind == kind] for kind in REFUSAL_METRIC},
         },
+        "judge": {"threshold": judge.threshold, "ngram": judge.ngram, "overlap": judge.overlap},
+        "citation_policy": getattr(service, "citation_policy", None),
         "stage_order": stages,
         "arms": results_arms,
         "comparisons": comparisons,

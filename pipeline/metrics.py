@@ -551,6 +551,123 @@ def paired_bootstrap_diff(
     return (float(stat(a_arr) - stat(b_arr)), float(low), float(high))
 
 
+# ------------------------------------------------------------------------------------------------ trust score
+# Trust-Score (Song et al., ICLR 2025): grounded refusals, answer correctness and grounded citations, each scored
+# over a mix of answerable and unanswerable questions, averaged into one number.
+
+
+def _f1(positive: np.ndarray, predicted: np.ndarray) -> float:
+    tp = int((positive & predicted).sum())
+    if tp == 0:
+        return 0.0
+    precision, recall = tp / int(predicted.sum()), tp / int(positive.sum())
+    return 2 * precision * recall / (precision + recall)
+
+
+def grounded_refusal_f1(answerable: Sequence[bool], refused: Sequence[bool]) -> float:
+    """Macro F1 of the answer-or-refuse decision (Trust-Score's F1_GR): the mean of the F1 of the "refuse" class
+    (positives: unanswerable items) and the F1 of the "answer" class (positives: answerable items). nan unless
+    both kinds of item are present; a class never predicted has F1 0."""
+    a, r = np.asarray(answerable, dtype=bool), np.asarray(refused, dtype=bool)
+    if a.shape != r.shape:
+        raise ValueError(f"answerable and refused must pair up item by item, got {a.size} vs {r.size}")
+    if a.all() or not a.any():
+        return math.nan
+    return (_f1(~a, r) + _f1(a, ~r)) / 2
+
+
+def citation_f1(precision: float, recall: float) -> float:
+    """Harmonic mean of citation precision and recall; an arm that never cites (precision n/a) scores 0, and
+    nan only when there was nothing to cite (recall n/a)."""
+    if math.isnan(recall):
+        return math.nan
+    if math.isnan(precision) or precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def _mean_or_nan(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else math.nan
+
+
+def trust_components(
+    answerable: Sequence[bool],
+    refused: Sequence[bool],
+    correctness: Sequence[float],
+    citation_precision: Sequence[float],
+    citation_recall: Sequence[float],
+) -> dict[str, float]:
+    """Trust-Score's parts over items (one entry each; nan where a value does not apply):
+    grounded_refusal_f1; answer_correctness, the mean `correctness` (token F1) of the answerable items answered
+    (0 when none was answered); citation_f1 from the mean citation precision and recall of those answers;
+    trust_score, their mean (nan when a part is)."""
+    a, r = np.asarray(answerable, dtype=bool), np.asarray(refused, dtype=bool)
+    answered = a & ~r
+    c, p, rec = (np.asarray(x, dtype=np.float64) for x in (correctness, citation_precision, citation_recall))
+    if not a.any():
+        correct = cp = cr = math.nan
+    elif not answered.any():  # refusing every answerable question earns no correctness and no citations
+        correct, cp, cr = 0.0, math.nan, 0.0
+    else:
+        correct, cp, cr = _mean_or_nan(c[answered]), _mean_or_nan(p[answered]), _mean_or_nan(rec[answered])
+    parts = {
+        "grounded_refusal_f1": grounded_refusal_f1(a, r),
+        "answer_correctness": correct,
+        "citation_f1": citation_f1(cp, cr),
+    }
+    values = list(parts.values())
+    parts["trust_score"] = math.nan if any(math.isnan(v) for v in values) else float(np.mean(values))
+    return parts
+
+
+def bootstrap_items(
+    n_items: int,
+    stat: Callable[[np.ndarray], dict[str, float]],
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """{name: {"mean", "low", "high", "n"}} of a statistic of a whole set of items (an F1, a ratio of means):
+    `stat(indices)` is computed on the items and on `n_resamples` resamples of them (items drawn with
+    replacement); resamples where a value is nan (e.g. no unanswerable item drawn) are left out of its interval."""
+    point = stat(np.arange(n_items))
+    out = {k: {"mean": float(v), "low": math.nan, "high": math.nan, "n": n_items} for k, v in point.items()}
+    if n_items == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    boots = [stat(idx) for idx in rng.integers(0, n_items, size=(n_resamples, n_items))]
+    alpha = (1 - confidence) / 2
+    for k in point:
+        vals = _finite([b[k] for b in boots])
+        if vals.size and not math.isnan(point[k]):
+            out[k]["low"], out[k]["high"] = (float(v) for v in np.quantile(vals, [alpha, 1 - alpha]))
+    return out
+
+
+def trust_metrics(items: Sequence[dict], **bootstrap_kwargs) -> dict[str, dict]:
+    """`trust_components` with bootstrap CIs over items {"answerable", "refused", "correctness",
+    "citation_precision", "citation_recall"} (missing values: nan)."""
+    cols = {
+        k: np.array([float(nan_if_none(it.get(k))) for it in items], dtype=np.float64)
+        for k in ("correctness", "citation_precision", "citation_recall")
+    }
+    a = np.array([bool(it["answerable"]) for it in items], dtype=bool)
+    r = np.array([bool(it["refused"]) for it in items], dtype=bool)
+
+    def stat(idx: np.ndarray) -> dict[str, float]:
+        return trust_components(
+            a[idx], r[idx], cols["correctness"][idx], cols["citation_precision"][idx], cols["citation_recall"][idx]
+        )
+
+    return bootstrap_items(len(items), stat, **bootstrap_kwargs)
+
+
+def nan_if_none(x) -> float:
+    return math.nan if x is None else float(x)
+
+
 def summarize(per_question: Sequence[dict], metric_names: Iterable[str], **bootstrap_kwargs) -> dict[str, dict]:
     """{metric: {"mean", "low", "high", "n"}} over per-question rows; n counts the non-nan values.
 

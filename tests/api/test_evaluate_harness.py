@@ -17,6 +17,7 @@ from pipeline.evaluate import (
     run_evaluation,
     score_records,
 )
+from pipeline.metrics import Judge
 from pipeline.report import render_markdown
 from raglora.errors import RagloraError
 
@@ -146,7 +147,7 @@ def test_any_stage_names_get_arms_gains_forgetting_and_honest_retrieval_metrics(
     assert {"hit@1", "hit@3", "mrr"} <= set(rag["metrics"]) and "hit@5" not in rag["metrics"]
     nogold = next(a for a in rag["answers"] if a["id"] == "hp-nogold")
     assert nogold["gold"] == []
-    assert all(nogold["scores"][m] is None for m in ("hit@1", "hit@3", "mrr", "citation_precision"))
+    assert all(nogold["scores"][m] is None for m in ("hit@1", "hit@3", "mrr", "citation_gold_precision"))
     assert rag["metrics"]["hit@3"]["n"] == 2  # the two FAQ questions with a gold passage
     assert results["arms"]["oracle"]["metrics"]["hit@1"]["mean"] == 1.0  # gold passages as context
     assert {a["id"] for a in results["arms"]["oracle"]["answers"]} == {"bygglov-001", "bygglov-002"}
@@ -195,20 +196,20 @@ def test_no_gold_reads_na_not_zero():
             "answer": "Yes [1].",
             "handoff": False,
             "contexts": ["Yes."],
-            "citations": [{"n": 1, "chunk_id": "c1", "source": "s"}],
+            "citations": [{"n": 1, "chunk_id": "c1", "source": "s", "text": "Yes."}],
         }
     ]
-    score_records(records, "kb", rag=True, embed=None, threshold=0.6, ks=(1, 3))
+    score_records(records, "kb", rag=True, embed=None, judge=Judge(embed=None), ks=(1, 3))
     s = records[0]["scores"]
-    assert all(math.isnan(s[m]) for m in ("hit@1", "hit@3", "mrr", "citation_precision"))
-    assert s["has_citation"] == 1.0
+    assert all(math.isnan(s[m]) for m in ("hit@1", "hit@3", "mrr", "citation_gold_precision"))
+    assert s["citation_rate"] == 1.0
     arm = {"metrics": __import__("pipeline.metrics").metrics.summarize(records, ["hit@3", "mrr"])}
     md = render_markdown({"run": {"name": "x"}, "arms": {"rag": arm}})
     row = next(line for line in md.splitlines() if line.startswith("| rag |"))
     assert row.count("n/a") == 2 and "0.000" not in row
     records[0]["gold"] = ["c1"]
-    score_records(records, "kb", rag=True, embed=None, threshold=0.6, ks=(1, 3))
-    assert records[0]["scores"]["hit@1"] == 1.0 and records[0]["scores"]["citation_precision"] == 1.0
+    score_records(records, "kb", rag=True, embed=None, judge=Judge(embed=None), ks=(1, 3))
+    assert records[0]["scores"]["hit@1"] == 1.0 and records[0]["scores"]["citation_gold_precision"] == 1.0
 
 
 def test_limit_caps_every_set_and_file_sets_without_answers_are_out_of_kb(tmp_path):
