@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data index search finetune merge serve chat eval demo test test-slow reliability lint format clean retrieval-quality bench bench-quick bench-train bench-generation bench-retrieval bench-api bench-e2e
+.PHONY: setup data index gate search finetune merge serve chat eval demo test test-slow reliability lint format clean retrieval-quality bench bench-quick bench-train bench-generation bench-retrieval bench-api bench-e2e
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ data: setup
 
 index: setup
 	$(RAGLORA) index --config $(CONFIG)
+
+# The answerability gate, fitted on validation data; needs data and index.
+gate: setup
+	$(RAGLORA) gate --config $(CONFIG)
 
 # Q is the question to search for; the default suits the packaged demo project.
 Q ?= Do I need a building permit for an extension?
@@ -53,7 +57,7 @@ chat: setup
 eval: setup
 	$(RAGLORA) eval --config $(CONFIG)
 
-# data → index → finetune → eval; each step reuses what is already built and up to date.
+# data → index → gate → finetune → eval; each step reuses what is already built and up to date.
 # DEMO_ARGS="--max-steps 2 --limit 3" makes a smoke run.
 demo: setup
 	$(RAGLORA) demo --config $(CONFIG) $(DEMO_ARGS)

@@ -195,10 +195,27 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    from pipeline.gate import describe, fit_gate
+
+    cfg = _config(args)
+    for what, path, step in (("index", cfg.paths.index_dir, "index"), ("data", cfg.paths.data_dir, "data")):
+        if not Path(path).exists():  # before loading the embedder, so a missing step fails in milliseconds
+            raise RagloraError(f"no {what} at {path}: run `raglora {step}` before `raglora gate`")
+    out = args.out or cfg.paths.gate_dir
+    manifest = fit_gate(cfg, out_dir=out)
+    if not manifest["fitted"]:
+        print(f"warning: {manifest['warning']}", file=sys.stderr)
+    print(describe(manifest))
+    print(f"wrote {'gate.json and ' if manifest['fitted'] else ''}manifest.json to {out}/")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """data -> index -> finetune -> eval, each step reusing what is already built and up to date."""
+    """data -> index -> gate -> finetune -> eval, each step reusing what is already built and up to date."""
     cmd_data(argparse.Namespace(**{**vars(args), "out": None}))
     cmd_index(argparse.Namespace(**{**vars(args), "docs": None, "out": None}))
+    cmd_gate(argparse.Namespace(**{**vars(args), "out": None}))  # needs only data and index: seconds
     cmd_finetune(argparse.Namespace(**{**vars(args), "stages": None, "resume": False, "force": False}))
     return cmd_eval(argparse.Namespace(**{**vars(args), "out": None}))
 
@@ -283,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing DIR/raglora.yaml")
 
-    p = add("demo", cmd_demo, "data -> index -> finetune -> eval in one go; prints the report path.")
+    p = add("demo", cmd_demo, "data -> index -> gate -> finetune -> eval in one go; prints the report path.")
     p.add_argument("--max-steps", type=_positive, help="cap every stage's optimizer steps (smoke runs)")
     p.add_argument("--limit", type=_positive, help="cap every test set at N questions")
 
@@ -293,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("index", cmd_index, "Build or incrementally update the retrieval index.")
     p.add_argument("--docs", nargs="+", metavar="PATH", help="files or folders to index (default: index.docs)")
     p.add_argument("--out", metavar="DIR", help="index folder (default: paths.index_dir)")
+
+    p = add("gate", cmd_gate, "Fit the answerability gate on validation data (needs data and index).")
+    p.add_argument("--out", metavar="DIR", help="gate folder (default: paths.gate_dir)")
 
     p = add("search", cmd_search, "Search the index and print the best chunks.")
     p.add_argument("query", nargs="*", help="the question to search for")

@@ -50,32 +50,28 @@ NEGATIVE_KINDS = ("gold_removed", "off_topic")
 # ----------------------------------------------------------------------------------------------- features
 
 
-def bm25_ceiling(index, query: str, exclude: Collection[str] = ()) -> float:
-    """The best BM25 score `query` could reach in this index: for each query term, its largest per-chunk score
-    (over chunks not in `exclude`), summed. No chunk can score more, and a chunk holding every term as well as its
-    best chunk does reaches it.
+def bm25_ceiling(index, query: str) -> float:
+    """The most BM25 could ever score `query` in this index: the sum over its terms of idf(term), the limit of a
+    term's lucene-BM25 score idf * tf / (tf + k1 * (1 - b + b * len / avg_len)) as tf grows (bm25s's default
+    scoring, which the index uses). A term no chunk holds counts with document frequency 0: the rarest possible.
 
-    Why this scale: raw BM25 grows with the number of query terms and with each term's rarity in the corpus, so
-    "7.3" means something different for every query and every knowledge base. top / ceiling is the share of the
-    query's achievable keyword evidence that the best chunk holds: 0..1 for any query and any corpus.
+    Why this scale: raw BM25 grows with the number of query terms and with their rarity in the corpus, so "7.3"
+    means something different for every query and every knowledge base. top / ceiling is the share of the
+    query's weighted terms the best chunk matches, 0..1 for any query and corpus; a question whose distinctive
+    words appear nowhere (or only in excluded chunks) scores low even when its common words match well.
     """
     from retriever.search import tokenize
 
     bm25 = getattr(index, "bm25", None)
-    if bm25 is None:
+    tokens = tokenize([query], index.language)[0]
+    if bm25 is None or not tokens:
         return 0.0
-    ids = bm25.get_tokens_ids(tokenize([query], index.language)[0])
-    if not ids:
-        return 0.0
-    data, indices, indptr = bm25.scores["data"], bm25.scores["indices"], bm25.scores["indptr"]
-    drop = set(exclude)
-    excluded = np.array([c.chunk_id in drop for c in index.chunks], dtype=bool) if drop else None
+    n, indptr = float(bm25.scores["num_docs"]), bm25.scores["indptr"]
     total = 0.0
-    for t in ids:  # bm25s sums a repeated query term once per occurrence; so does the ceiling
-        scores, docs = data[indptr[t] : indptr[t + 1]], indices[indptr[t] : indptr[t + 1]]
-        if excluded is not None:
-            scores = scores[~excluded[docs]]
-        total += float(scores.max()) if len(scores) else 0.0
+    for token in tokens:  # bm25s sums a repeated query term once per occurrence; so does the ceiling
+        t = bm25.vocab_dict.get(token)
+        df = 0.0 if t is None else float(indptr[t + 1] - indptr[t])
+        total += math.log(1.0 + (n - df + 0.5) / (df + 0.5))
     return total
 
 
@@ -97,7 +93,7 @@ def retrieval_features(
     scores = np.array([s for s, _ in dense], dtype=np.float64)
     std = float(scores.std()) if len(scores) > 1 else 0.0
     z = (top1 - float(scores.mean())) / std if std > 1e-9 else 0.0
-    ceiling = bm25_ceiling(index, query, exclude) if keyword else 0.0
+    ceiling = bm25_ceiling(index, query) if keyword else 0.0
     bm25_top = keyword[0][0] / ceiling if keyword and ceiling > 0 else 0.0
     k = min(overlap_k, len(dense)) or 1
     overlap = len({c for _, c in dense[:overlap_k]} & {c for _, c in keyword[:overlap_k]}) / k
@@ -324,10 +320,6 @@ def fit_gate(cfg, *, out_dir=None, index=None, progress: bool = True) -> dict:
     if index is None:
         index = _open_index(cfg)
     examples, facts = gate_examples(cfg, index)
-    rows = []
-    for ex in tqdm(examples, desc="gate features", unit="q", disable=not progress, file=sys.stderr):
-        rows.append(retrieval_features(index, ex["question"], exclude=ex["exclude"]))
-    x = np.array([[r[name] for name in FEATURES] for r in rows], dtype=np.float64).reshape(len(rows), len(FEATURES))
     y = np.array([ex["label"] for ex in examples], dtype=int)
     kinds = np.array([ex["kind"] for ex in examples])
     counts = {"answerable": int(y.sum()), "unanswerable": int((y == 0).sum())}
@@ -357,6 +349,10 @@ def fit_gate(cfg, *, out_dir=None, index=None, progress: bool = True) -> dict:
         _write(out, manifest, None)
         return manifest
 
+    rows = []
+    for ex in tqdm(examples, desc="gate features", unit="q", disable=not progress, file=sys.stderr):
+        rows.append(retrieval_features(index, ex["question"], exclude=ex["exclude"]))
+    x = np.array([[r[name] for name in FEATURES] for r in rows], dtype=np.float64)  # (n questions, n features)
     model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
     model.fit(x, y)
     scaler, lr = model[0], model[1]
@@ -377,6 +373,7 @@ def fit_gate(cfg, *, out_dir=None, index=None, progress: bool = True) -> dict:
         fitted=True,
         auc=float(roc_auc_score(y, p)),
         cv_auc=float(roc_auc_score(y, cv)),
+        cv_folds=folds,
         threshold=gate.threshold,
         false_refusal=float(refused[y == 1].mean()),
         refusal={k: float(refused[kinds == k].mean()) for k in NEGATIVE_KINDS if (kinds == k).any()},
@@ -431,7 +428,7 @@ def describe(manifest: dict) -> str:
     refusal = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in manifest["refusal"].items())
     return (
         f"gate fitted on validation: {counts}\n"
-        f"  AUC {manifest['auc']:.3f} (5-fold cross-validated {manifest['cv_auc']:.3f}), "
+        f"  AUC {manifest['auc']:.3f} ({manifest['cv_folds']}-fold cross-validated {manifest['cv_auc']:.3f}), "
         f"threshold p(answerable) >= {manifest['threshold']:.3f}\n"
         f"  at the threshold: refusal {refusal}; false refusal on answerable {manifest['false_refusal']:.2f} "
         f"(target <= {manifest['config']['target_false_refusal']})"

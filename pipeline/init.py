@@ -221,6 +221,7 @@ paths:
   adapters_dir: artifacts/adapters
   base_cache_dir: artifacts/base
   reports_dir: reports
+  gate_dir: artifacts/gate        # the answerability gate, written by `raglora gate`
 
 data:
   seed: 13
@@ -287,6 +288,12 @@ serve:
   handoff_threshold: 0.3          # best dense cosine below this: hand over to a person
   default_mode: rag+lora
   default_stage: null             # null: the deepest trained stage
+
+gate:                             # the answerability gate (`raglora gate`): answer from the documents or hand over
+  target_false_refusal: 0.05      # threshold: refuse at most this share of answerable validation questions
+  min_per_class: 20               # fewer examples: no gate, serve.handoff_threshold is used
+  max_off_topic: 100
+  seed: 13
 
 eval:
   arms: [base, rag, lora, rag+lora, oracle]
