@@ -119,7 +119,8 @@ class EvalConfig(BaseModel):
 
     arms: list[str] = ["base", "rag", "lora", "rag+lora", "oracle"]  # lora / rag+lora expand to every stage
     stages: list[str] | None = None  # default: every trained stage
-    # name -> set; {} = held_out:<stage> for every chat stage, plus out_of_kb.
+    # name -> set; {} = held_out:<stage> for every chat stage, gold_removed:<stage> for those that are not general
+    # conversation, plus out_of_kb.
     sets: dict[str, EvalSetConfig] = {}
     max_questions: int = Field(50, ge=1)  # cap per set when the set has no limit of its own
     max_new_tokens: int = Field(48, gt=0)
@@ -296,7 +297,7 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
         src.path = _join(base, src.path)
     cfg.data.out_of_kb_file = _join(base, cfg.data.out_of_kb_file)
     for spec in cfg.eval.sets.values():
-        if not spec.from_.startswith("held_out:") and spec.from_ != "out_of_kb":
+        if not spec.from_.startswith(("held_out:", "gold_removed:")) and spec.from_ != "out_of_kb":
             spec.from_ = _join(base, spec.from_)
     cfg.serve.db_path = _join(base, cfg.serve.db_path)
     return cfg
