@@ -45,6 +45,7 @@ OVERLAP_K = 5
 #: passage in the index (a ticket export citing help-centre pages); below it, its train rows are off-topic.
 IN_DOMAIN_GOLD_SHARE = 0.05
 NEGATIVE_KINDS = ("gold_removed", "off_topic")
+TRADEOFF_TARGETS = (0.02, 0.05, 0.1, 0.2, 0.3)
 
 
 # ----------------------------------------------------------------------------------------------- features
@@ -366,6 +367,15 @@ def fit_gate(cfg, *, out_dir=None, index=None, progress: bool = True) -> dict:
     p = np.array([gate.probability(r) for r in rows])  # the serving code path, so decisions match exactly
     gate.threshold = choose_threshold(p[y == 1], gc.target_false_refusal)
     refused = p < gate.threshold
+
+    def rates(threshold: float) -> dict:
+        no = p < threshold
+        return {
+            "threshold": threshold,
+            "false_refusal": float(no[y == 1].mean()),
+            **{f"refusal_{k}": float(no[kinds == k].mean()) for k in NEGATIVE_KINDS if (kinds == k).any()},
+        }
+
     folds = min(5, counts["answerable"], counts["unanswerable"])
     cv = cross_val_predict(model, x, y, cv=StratifiedKFold(folds, shuffle=True, random_state=gc.seed),
                            method="predict_proba")[:, 1]  # fmt: skip
@@ -380,9 +390,26 @@ def fit_gate(cfg, *, out_dir=None, index=None, progress: bool = True) -> dict:
         coefficients={name: c for name, c in zip(FEATURES, gate.coef, strict=True)},
         intercept=gate.intercept,
         scaler={"mean": gate.mean, "scale": gate.scale},
+        # what other gate.target_false_refusal values would give on the same fit (pick one without refitting)
+        tradeoff={f"{t:.2f}": rates(choose_threshold(p[y == 1], t)) for t in TRADEOFF_TARGETS},
     )
     _write(out, manifest, gate)
     return manifest
+
+
+def stale_reason(gate_dir: str | Path, index_dir: str | Path) -> str | None:
+    """Why the gate in `gate_dir` no longer matches the index in `index_dir` (rebuilt since the fit: its features
+    were calibrated on other documents), or None when it matches or nothing was fitted."""
+    try:
+        manifest = json.loads((Path(gate_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fitted_on = (manifest.get("index") or {}).get("manifest_sha256") if isinstance(manifest, dict) else None
+    if not manifest.get("fitted") or not fitted_on:
+        return None
+    if fitted_on != _digest(Path(index_dir) / "manifest.json"):
+        return f"the gate in {gate_dir} was fitted on another version of the index {index_dir}: rerun `raglora gate`"
+    return None
 
 
 def _open_index(cfg):

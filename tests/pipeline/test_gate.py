@@ -13,7 +13,15 @@ from fake_embedder import FakeEmbedder
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.datasets import datasets_from_config, write_datasets
-from pipeline.gate import FEATURES, choose_threshold, fit_gate, gate_examples, load_gate, retrieval_features
+from pipeline.gate import (
+    FEATURES,
+    choose_threshold,
+    fit_gate,
+    gate_examples,
+    load_gate,
+    retrieval_features,
+    stale_reason,
+)
 from raglora.errors import RagloraError
 from raglora.files import read_jsonl
 from retriever.index import build_index, load_index
@@ -132,6 +140,17 @@ def test_fit_separates_answerable_from_gold_removed_and_off_topic(fitted):
     assert manifest["examples"]["off_topic_sources"] == ["chat"]
     assert manifest["index"]["manifest_sha256"] and manifest["data_version"]["dataset_version"]
     assert set(manifest["coefficients"]) == set(FEATURES)
+    tradeoff = manifest["tradeoff"]  # a looser target never refuses fewer unanswerable questions
+    looser = [tradeoff[t]["refusal_gold_removed"] for t in sorted(tradeoff)]
+    assert looser == sorted(looser) and all(tradeoff[t]["false_refusal"] <= float(t) for t in tradeoff)
+
+
+def test_a_gate_fitted_on_another_index_is_reported_stale(project, fitted, tmp_path):
+    _, index = project
+    _, out = fitted
+    assert stale_reason(out, index.path) is None
+    (tmp_path / "manifest.json").write_text('{"format": "raglora-index"}')
+    assert "rerun `raglora gate`" in stale_reason(out, tmp_path)
 
 
 def test_off_topic_questions_come_from_train_rows_only(project, fitted):
