@@ -76,8 +76,10 @@ test: setup lint
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# Faults, hostile input and load (tests/reliability), and the chat page in headless Chromium (Debian's
+# `chromium`; skipped without it, unless RAGLORA_REQUIRE_BROWSER=1 as in .ci/run).
 reliability: setup
-	$(PY) -m pytest -q -m slow tests/reliability
+	$(PY) -m pytest -q -m slow tests/reliability tests/api/test_clients.py::test_web_page_in_headless_chromium
 
 clean:
 	rm -rf artifacts reports

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
 import threading
 import time
@@ -11,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from helpers import chat_body
+from helpers import FAQ_ROWS, chat_body
 
 from pipeline.api.app import create_app
 
@@ -58,6 +61,14 @@ def test_openai_client_via_testclient(app):
             bad.models.list()
 
 
+def test_model_list_names_the_default_model(client, service):
+    """OpenAI's list plus a `raglora` extension: the web page starts on the model a request without one gets."""
+    body = client.get("/v1/models").json()
+    assert body["raglora"]["default_model"] == service.default_model == "raglora-rag+lora-subdomain"
+    assert body["raglora"]["default_model"] in [m["id"] for m in body["data"]]
+    assert body["data"][0]["id"] != service.default_model  # so "the first option" would be wrong
+
+
 def test_openai_client_streaming_against_uvicorn(server):
     openai = pytest.importorskip("openai")
     base, _ = server
@@ -97,13 +108,44 @@ def test_client_disconnect_mid_stream(server):
         assert http.get("/health").json()["model_loaded"]
 
 
+CHROMIUM = os.environ.get("RAGLORA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"  # Debian's
+SSE = {"Content-Type": "text/event-stream"}
+
+
+def _canned_sse() -> str:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "raglora-rag"}
+    deltas = [{"role": "assistant", "content": ""}, {"content": "A permit is needed [1]. "}, {"content": "It is free."}]
+    events = [{**chunk, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    extension = {
+        "citations": [{"n": 1, "source": "permits-001", "title": "Permits", "chunk_id": "permits-001"}],
+        "unsupported": ["It is free."],
+        "handoff": None,
+    }
+    events.append({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "raglora": extension})
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+
 @pytest.mark.slow
 def test_web_page_in_headless_chromium(server):
-    """Needs `apt-get install chromium` and `pip install playwright` (no browser download: uses /usr/bin/chromium)."""
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("/usr/bin/chromium is missing: apt-get install chromium")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    base, _ = server
+    """The chat page as a visitor sees it: it starts on the server's default model, a citation shows its passage's
+    title and expands to the passage text, and a hand-over is a visible state with its ticket id.
+
+    Debian's `chromium` (apt) driven by playwright, no browser download. `make reliability` runs it with
+    RAGLORA_REQUIRE_BROWSER=1, so a missing browser fails CI instead of skipping.
+    """
+    required = os.environ.get("RAGLORA_REQUIRE_BROWSER") == "1"
+    if not Path(CHROMIUM).exists():
+        if required:
+            pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if required:
+            pytest.fail("playwright is missing: pip install -e '.[dev]'")
+        pytest.skip("pip install playwright")
+    base, service = server
+    passage = next(r for r in FAQ_ROWS if r["id"] == "bygglov-001")
     args = [
         "--headless",
         "--no-sandbox",
@@ -113,20 +155,57 @@ def test_web_page_in_headless_chromium(server):
         "--disable-sync",
     ]
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         try:
             page = browser.new_page()
             page.goto(base + "/")
             page.fill("#apikey", "key-a")
             page.dispatch_event("#apikey", "change")
-            page.wait_for_function("document.querySelectorAll('#model option').length > 3")
-            page.select_option("#model", "raglora-rag")
-            page.wait_for_timeout(200)
+            page.wait_for_selector("#model[data-ready='1']", state="attached", timeout=10000)
+            options = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
+            assert service.default_model == "raglora-rag+lora-subdomain" != options[0]
+            assert page.input_value("#model") == service.default_model
+
+            # a RAG answer: its first citation shows the passage's title, and opens to the passage text
             page.select_option("#model", "raglora-rag")
             page.fill("#input", "Do I need a building permit for an extension?")
             page.click("#send")
             page.wait_for_selector(".msg.assistant[data-done='1']", timeout=20000)
-            assert page.locator(".citations li").first.get_attribute("data-chunk-id", timeout=5000) == "bygglov-001"
             assert page.locator(".msg.assistant .text").first.inner_text() != ""
+            cite = page.locator(".citations li").first
+            assert cite.get_attribute("data-chunk-id") == "bygglov-001"
+            assert cite.locator(".cite-title").inner_text() == passage["category"]  # the chunk's title
+            text = cite.locator(".cite-text")
+            assert not text.is_visible()  # collapsed until asked for
+            cite.locator("summary").click()
+            assert text.is_visible()
+            assert passage["answer"] in text.inner_text()
+
+            # a hand-over: a visible state naming the ticket that was written
+            page.click("#new")
+            page.fill("#input", "I want to talk to a human")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant.handoff[data-done='1']", timeout=20000)
+            tickets = service.store.handoffs()
+            assert len(tickets) == 1
+            ticket = str(tickets[0]["id"])
+            assert page.locator(".msg.handoff").get_attribute("data-ticket-id") == ticket
+            assert page.locator(".msg.handoff .handoff-card .ticket").inner_text() == "#" + ticket
+            assert page.locator("#status").is_visible()
+            assert f"#{ticket}" in page.locator("#status").inner_text()
+
+            # an answer with unsupported sentences and a citation without passage text (an older server)
+            page.route("**/v1/chat/completions", lambda route: route.fulfill(body=_canned_sse(), headers=SSE))
+            page.click("#new")
+            assert not page.locator("#status").is_visible()
+            page.fill("#input", "Canned?")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-done='1']", timeout=10000)
+            last = page.locator(".msg.assistant").last
+            assert last.locator(".text").inner_text() == "A permit is needed [1]. It is free."
+            assert last.locator(".text a.cite-ref").inner_text() == "[1]"  # the marker opens its passage
+            assert last.locator(".citations li").inner_text() == "[1] Permits — permits-001"
+            assert last.locator(".unsupported summary").inner_text() == "1 sentence not found in the sources"
+            assert not last.locator(".unsupported li").is_visible()  # discreet: folded away
         finally:
             browser.close()
