@@ -306,3 +306,14 @@ def test_cli_gate_without_validation_rows_names_the_step(tmp_path, fake_loader, 
 
 def _config_file(cfg) -> Path:
     return Path(cfg.paths.data_dir).parent / "raglora.yaml"
+
+
+def test_demo_fits_the_gate_after_data_and_index_and_before_finetune(tmp_path, monkeypatch):
+    import pipeline.cli as cli
+
+    steps = []
+    for name in ("data", "index", "gate", "finetune", "eval"):
+        monkeypatch.setattr(cli, f"cmd_{name}", lambda args, name=name: steps.append(name) or 0)
+    (tmp_path / "raglora.yaml").write_text("{}\n")
+    assert main(["demo", "--config", str(tmp_path / "raglora.yaml")]) == 0
+    assert steps == ["data", "index", "gate", "finetune", "eval"]
