@@ -83,6 +83,9 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # the earlier stage this one starts from (None: the one just before it in finetune.stages). Naming an
+    # older stage makes a sibling branch, e.g. a variant of the last stage trained on the same parents.
+    after: str | None = None
     # chat: supervised on Q/A and conversations (loss on assistant turns); text: continued pre-training on
     # the indexed document chunks (loss on every token), for domains with manuals but few Q/A pairs.
     kind: Literal["chat", "text"] = "chat"
@@ -106,9 +109,11 @@ class StageConfig(BaseModel):
     raft: bool = False
     raft_fraction: float = Field(0.5, ge=0, le=1)
     raft_distractors: int = Field(2, ge=0)
-    raft_p_no_gold: float = Field(0.2, ge=0, le=1)  # of the RAFT examples, this fraction gets distractors only
-    # target when the gold passage is absent: "answer" (the RAFT paper: still the reference answer) or "refusal"
-    raft_no_gold_target: Literal["answer", "refusal"] = "answer"
+    # of the RAFT examples, this fraction shows retrieval's top hits with the gold passage removed (distractors only)
+    raft_p_no_gold: float = Field(0.2, ge=0, le=1)
+    # target when the gold passage is absent: "refusal" (project.no_answer_reply: the bot hands over when the
+    # documents do not answer) or "answer" (the RAFT paper: still the reference answer, from memory)
+    raft_no_gold_target: Literal["answer", "refusal"] = "refusal"
     raft_search_mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
     raft_context_chars: int = Field(600, gt=0)  # each context passage is clipped to this many characters
     lora: LoraOverride | None = None
@@ -127,6 +132,8 @@ class StageConfig(BaseModel):
             raise ValueError(f"stage {self.name}: a text stage trains on the indexed documents; drop sources/where")
         if self.kind == "text" and self.raft:
             raise ValueError(f"stage {self.name}: raft needs a chat stage (questions and answers)")
+        if self.after == self.name:
+            raise ValueError(f"stage {self.name}: `after` names the stage itself; name an earlier stage")
         if self.train_file is None:
             self.train_file = f"{self.name}/train.jsonl"
         if self.validation_file is None:
@@ -135,12 +142,13 @@ class StageConfig(BaseModel):
 
 
 class FinetuneConfig(BaseModel):
-    """The sequential fine-tuning run: stages in order, each on top of the earlier ones merged."""
+    """The sequential fine-tuning run: stages in order, each on top of the stage it builds on (`after`, default the
+    one before it) and that stage's own parents, merged."""
 
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 42
-    stages: list[StageConfig] = []  # in training order; each starts from the ones before it
+    stages: list[StageConfig] = []  # in training order; each starts from the one before it (or its `after`)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     continue_previous_adapter: bool = False  # False: fresh adapter per stage on base+merged(earlier stages)
     group_by_length: bool = True  # sort by length within seeded mega-batches -> little padding
@@ -162,18 +170,41 @@ class FinetuneConfig(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate stage names {dupes}")
-        for s in self.stages:
+        for i, s in enumerate(self.stages):
             lora = resolve_lora(self, s)
             if self.packing and lora.method in ("prompt_tuning", "prefix_tuning"):
                 raise ValueError(f"stage {s.name}: packing cannot be combined with method {lora.method}")
-        for s in self.stages[:-1]:
-            method = resolve_lora(self, s).method
-            if method not in MERGEABLE_METHODS:
+            if s.after is not None and s.after not in names[:i]:
+                where = "a later stage" if s.after in names else "no stage"
                 raise ValueError(
-                    f"stage {s.name}: method {method} cannot be merged into the base for the next stage; "
-                    "use it only for the last stage"
+                    f"stage {s.name}: after: {s.after!r} is {where}; name one of the stages before it "
+                    f"({', '.join(names[:i]) or 'none: it is the first'})"
+                )
+        built_on = {b.name for b in (self.builds_on(s.name) for s in self.stages) if b is not None}
+        for s in self.stages:
+            method = resolve_lora(self, s).method
+            if s.name in built_on and method not in MERGEABLE_METHODS:
+                raise ValueError(
+                    f"stage {s.name}: method {method} cannot be merged into the base for a stage built on it; "
+                    "use it only for a stage no other stage builds on"
                 )
         return self
+
+    def builds_on(self, name: str) -> StageConfig | None:
+        """The stage `name` starts from: its `after`, else the stage before it; None for the first stage."""
+        i = [s.name for s in self.stages].index(name)
+        if self.stages[i].after is not None:
+            return self.stage(self.stages[i].after)
+        return self.stages[i - 1] if i > 0 else None
+
+    def lineage(self, name: str) -> list[StageConfig]:
+        """The stages `name` is trained on top of (the chain of `builds_on`), the first one first."""
+        chain: list[StageConfig] = []
+        prev = self.builds_on(name)
+        while prev is not None:
+            chain.insert(0, prev)
+            prev = self.builds_on(prev.name)
+        return chain
 
     def stage(self, name: str) -> StageConfig:
         for s in self.stages:

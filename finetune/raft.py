@@ -1,12 +1,25 @@
 """RAFT-style retrieval-aware training examples (Zhang et al., 2024, "RAFT: Adapting Language Model to
-Domain Specific RAG").
+Domain Specific RAG"), with cited targets and hand-overs (Trust-Align, Song et al., ICLR 2025).
 
 A seeded `fraction` of the Q/A examples gets retrieved context in the prompt, rendered exactly as at serving
-time (`finetune.prompt.build_messages` with the RAG system prompt): the gold passage plus `n_distractors`
-other chunks from the retriever, shuffled. For a seeded `p_no_gold` share of those the gold passage is left
-out. Following the paper, the target then stays the reference answer (`no_gold_target="answer"`: the model
-learns to rely on domain knowledge it memorised when retrieval misses); with "refusal" it is the project's
-no-answer reply instead (matches the RAG system prompt's instruction).
+time (`finetune.prompt.build_messages` with the RAG system prompt).
+
+* Gold rows: the gold passage plus the `n_distractors` best-ranked other chunks, shuffled. The target is the
+  reference answer with the gold passage's number `[n]` (its place in the final context list, after any
+  distractor dropped for length) before the end punctuation of every sentence the passage supports ("... needs
+  a permit [2]."), judged by `pipeline.metrics.Judge`, the judge evaluation and serving use; when it supports
+  no sentence, the marker goes at the end of the answer. A gold passage that is the row's own answer (no chunk
+  found) supports every sentence.
+* Distractor-only rows (a seeded `p_no_gold` share): retrieval's top `n_distractors + 1` hits with the row's
+  gold chunks removed (so as many passages as a gold row, and just as relevant-looking: this *is* the
+  "gold removed" case of evaluation, asked of a training question), skipping a hit that the judge says
+  supports the answer anyway (a near-duplicate entry would make a hand-over target wrong). The target is the
+  project's no-answer reply (`no_gold_target="refusal"`, the default: the bot hands over when the documents do
+  not answer), or, as in the RAFT paper, the reference answer (`"answer"`: the model learns to answer from
+  memory when retrieval misses); a stage per variant shows the trade-off in the report.
+
+Bracketed numbers in a reference answer that are not citations ("see [3]", "[2019]") are rewritten as "(3)"
+(`finetune.prompt.defuse_citations`) before the markers go in, so every [n] in a target is the gold passage.
 
 Gold passage of a row: `retriever.gold.GoldFinder` (chunks whose source is the row's `source`/id, else the
 chunk that best contains the answer); when none is found, the row's own answer stands in (counted as
@@ -22,10 +35,11 @@ row's own gold chunks either.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterable
 
 from finetune.data import raft_messages
-from finetune.prompt import REFUSAL_ANSWER
+from finetune.prompt import REFUSAL_ANSWER, cite, defuse_citations
 
 
 def _clip(text: str, n: int) -> str:
@@ -81,7 +95,7 @@ def build_raft_examples(
     p_no_gold: float,
     system_prompt: str,
     seed: int | str,
-    no_gold_target: str = "answer",
+    no_gold_target: str = "refusal",
     search_mode: str = "hybrid",
     context_chars: int = 600,
     fits: Callable[[list[dict]], bool] | None = None,
@@ -89,17 +103,22 @@ def build_raft_examples(
     exclude_chunks: Iterable[str] = (),
     withhold_chunks: Iterable[str] | None = None,
     refusal_answer: str = REFUSAL_ANSWER,
+    judge=None,
 ) -> tuple[list[dict], dict]:
     """Examples with RAFT conversations in "messages" (others unchanged) and counts of what was built.
 
     Eligible examples are single-turn rows with question and answer. `gold_finder` (default: a GoldFinder over
     `index.chunks`) locates each row's gold chunks; `exclude_chunks` are never distractors, `withhold_chunks`
-    (default: all of `exclude_chunks`) are never shown at all.
+    (default: all of `exclude_chunks`) are never shown at all. `judge` (a `pipeline.metrics.Judge`; default
+    `raft_judge(index)`) decides which answer sentences the gold passage supports.
     `fits(messages)` (optional) says whether a conversation fits the token budget; distractors are dropped
     one at a time until it does, so the gold passage and the answer are never truncated away.
     """
     from retriever.gold import GoldFinder
 
+    if no_gold_target not in ("answer", "refusal"):
+        raise ValueError(f"no_gold_target must be 'answer' or 'refusal', got {no_gold_target!r}")
+    judge = judge if judge is not None else raft_judge(index)
     chunks = list(getattr(index, "chunks", None) or [])
     finder = gold_finder if gold_finder is not None else GoldFinder(chunks)
     by_id = {_chunk_id(c): c for c in chunks}
@@ -115,15 +134,32 @@ def build_raft_examples(
         excluded_gold_chunks=len(excluded),
         withheld_chunks=len(withheld),
         skipped_held_out_distractors=0,
+        skipped_answering_distractors=0,
         dropped_distractors_for_length=0,
+    )
+    stats.update(
+        no_gold_target=no_gold_target,
+        refusal_targets=0,
+        answer_targets_without_gold=0,
+        cited_targets=0,
+        citation_markers=0,
+        markers_per_cited_target=0.0,
+        cited_sentences=0,
+        answer_sentences=0,
+        cited_at_end_unsupported=0,
+        citation_like_rewritten=0,
+        judge=describe_judge(judge),
     )
     out = [dict(e) for e in examples]
     for i in chosen:
         ex = examples[i]
+        answer = defuse_citations(ex["answer"])
+        stats["citation_like_rewritten"] += int(answer != ex["answer"])
         gold_ids, how = find_gold(finder, ex)
         own = set(gold_ids)
-        hits = _search(index, ex["question"], n_distractors, search_mode, len(chunks))
-        distractors = []
+        with_gold = i not in no_gold
+        hits = _search(index, ex["question"], n_distractors + int(not with_gold), search_mode, len(chunks))
+        candidates = []  # retrieval's ranking without the row's own gold chunks and the held-out gold
         for h in hits:
             cid = _chunk_id(h.chunk)
             if cid in own:
@@ -131,11 +167,10 @@ def build_raft_examples(
             if cid in excluded:
                 stats["skipped_held_out_distractors"] += 1
                 continue
-            if len(distractors) < n_distractors:
-                distractors.append(_ctx(h.chunk, context_chars))
-        contexts = list(distractors)
-        with_gold = i not in no_gold
+            candidates.append(h.chunk)
+        sentences = answer_sentences(answer)
         if with_gold:
+            distractors = [_ctx(c, context_chars) for c in candidates[:n_distractors]]
             hit_chunks = {_chunk_id(h.chunk): h.chunk for h in hits}
             ranked = [c for c in hit_chunks if c in own] + gold_ids  # best-ranked first
             usable = [c for c in ranked if c in hit_chunks or c in by_id]
@@ -144,36 +179,151 @@ def build_raft_examples(
                 gold = _ctx(gold_chunk, context_chars)
                 stats["gold_from_index"] += 1
                 stats["gold_by_source" if how == "source" else "gold_by_content"] += 1
+                texts = [answer[a:b].strip() for a, b in sentences]
+                supported = [bool(x) for x in judge.support(texts, [gold["text"]])[:, 0]] if texts else []
             else:  # no gold passage in the index (or only held-out ones): the row itself, titled like Q/A rows
                 gold = {
                     "title": ex.get("category") or "",
-                    "text": _clip(ex["answer"], context_chars),
+                    "text": _clip(answer, context_chars),
                     "source": str(ex.get("source") or ex.get("faq_id") or ex.get("id")),
                 }
                 stats["gold_fallback"] += 1
                 stats["gold_withheld_held_out"] += int(bool(usable))
-            contexts.append(gold)
+                supported = [True] * len(sentences)  # the passage is the answer itself
+            contexts = [*distractors, gold]
+        else:
+            # the realistic "gold removed" case: the best-ranked other passages, as many as a gold row shows
+            pool = [_ctx(c, context_chars) for c in candidates[: 2 * (n_distractors + 1)]]
+            answering = _answering(judge, [answer[a:b].strip() for a, b in sentences], pool)
+            distractors = []
+            for c, answers in zip(pool, answering, strict=True):
+                if len(distractors) == n_distractors + 1:
+                    break
+                if answers:
+                    stats["skipped_answering_distractors"] += 1
+                else:
+                    distractors.append(c)
+            gold, supported = None, []
+            contexts = list(distractors)
         rng.shuffle(contexts)
-        answer = ex["answer"] if with_gold or no_gold_target == "answer" else refusal_answer
-        msgs = raft_messages(ex, [_strip(c) for c in contexts], system_prompt, answer)
-        while fits is not None and not fits(msgs) and any(c in distractors for c in contexts):
-            drop = next(c for c in reversed(contexts) if c in distractors)
+
+        def target(ctxs: list[dict], gold=gold, supported=supported, answer=answer, sentences=sentences) -> str:
+            if gold is None:
+                return refusal_answer if no_gold_target == "refusal" else answer
+            n = next(k for k, c in enumerate(ctxs, 1) if c is gold)
+            return cite_answer(answer, sentences, supported, n)
+
+        msgs = raft_messages(ex, [_strip(c) for c in contexts], system_prompt, target(contexts))
+        while fits is not None and not fits(msgs) and any(c is not gold for c in contexts):
+            drop = next(c for c in reversed(contexts) if c is not gold)
             contexts.remove(drop)
             stats["dropped_distractors_for_length"] += 1
-            msgs = raft_messages(ex, [_strip(c) for c in contexts], system_prompt, answer)
-        out[i] = {
-            **ex,
-            "messages": msgs,
-            "raft": {
-                "gold": with_gold,
-                "sources": [c["source"] for c in contexts],
-                "target": "answer" if answer == ex["answer"] else "refusal",
-            },
-        }
+            msgs = raft_messages(ex, [_strip(c) for c in contexts], system_prompt, target(contexts))
+        info = {"gold": with_gold, "sources": [c["source"] for c in contexts]}
+        if gold is not None:
+            n = next(k for k, c in enumerate(contexts, 1) if c is gold)
+            marked = sum(supported) or int(bool(sentences))  # unsupported everywhere: one marker at the end
+            info.update(target="cited_answer", gold_number=n, cited_sentences=marked)
+            stats["cited_targets"] += int(bool(marked))
+            stats["citation_markers"] += marked
+            stats["cited_sentences"] += sum(supported)
+            stats["answer_sentences"] += len(sentences)
+            stats["cited_at_end_unsupported"] += int(bool(sentences) and not any(supported))
+        elif no_gold_target == "refusal":
+            info["target"] = "refusal"
+            stats["refusal_targets"] += 1
+        else:
+            info["target"] = "answer"
+            stats["answer_targets_without_gold"] += 1
+        out[i] = {**ex, "messages": msgs, "raft": info}
         stats["raft_examples"] += 1
         stats["with_gold" if with_gold else "without_gold"] += 1
-        stats["distractors"] += sum(1 for c in contexts if c in distractors)
+        stats["distractors"] += sum(1 for c in contexts if c is not gold)
+    if stats["cited_targets"]:
+        stats["markers_per_cited_target"] = round(stats["citation_markers"] / stats["cited_targets"], 3)
     return out, stats
+
+
+def _answering(judge, sentences: list[str], passages: list[dict]) -> list[bool]:
+    """For each passage: does it support at least half of the answer's sentences (so it answers the question)?"""
+    if not sentences or not passages:
+        return [False] * len(passages)
+    support = judge.support(sentences, [p["text"] for p in passages])  # (S, P) bool
+    return [bool(support[:, j].mean() >= 0.5) for j in range(len(passages))]
+
+
+# ---------------------------------------------------------------------------------------------- citations
+
+# Sentence ends as `pipeline.metrics.split_sentences` finds them (. ! ? and the like, then closing quotes or
+# brackets, then a space and a capital or an opening quote; and every line break), as spans of the original text
+# so that markers can go in without touching the answer's wording.
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f]+[\"'\u201d\u2019)\]]*")
+_OPENERS = frozenset("\"'(\u201c\u2018\u00bf\u00a1")
+_LINE = re.compile(r"[^\r\n\u2028\u2029]+")
+_TRAILING_END = re.compile(r"([.!?\u2026\u3002\uff01\uff1f]+)([\"'\u201d\u2019)\]]*)$")
+_HAS_WORD = re.compile(r"[^\W_]")
+
+
+def answer_sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence of `text` that holds a letter or digit, trailing spaces excluded."""
+    spans = []
+    for line in _LINE.finditer(text):
+        start = line.start()
+        for m in _SENTENCE_END.finditer(text, line.start(), line.end()):
+            gap = re.match(r"[^\S\r\n\u2028\u2029]+", text[m.end() : line.end()])
+            nxt = text[m.end() + len(gap.group()) : m.end() + len(gap.group()) + 1] if gap else ""
+            if nxt and (nxt.isupper() or nxt in _OPENERS):
+                spans.append((start, m.end()))
+                start = m.end()
+        spans.append((start, line.end()))
+    out = []
+    for a, b in spans:
+        piece = text[a:b]
+        a += len(piece) - len(piece.lstrip())
+        b -= len(piece) - len(piece.rstrip())
+        if _HAS_WORD.search(text[a:b]):
+            out.append((a, b))
+    return out
+
+
+def cite_answer(answer: str, sentences: list[tuple[int, int]], supported: list[bool], n: int) -> str:
+    """`answer` with " [n]" before the end punctuation of each supported sentence ("... permit [2]."; after a
+    closing quote or bracket: '... "permit." [2]'); when none is supported, after the last sentence."""
+    if not sentences:
+        return answer
+    marks = [s for s, ok in zip(sentences, supported, strict=True) if ok] or [sentences[-1]]
+    out = answer
+    for a, b in reversed(marks):
+        m = _TRAILING_END.search(out[a:b])
+        at = b if m is None or m.group(2) else b - len(m.group(1))
+        out = f"{out[:at]} {cite(n)}{out[at:]}"
+    return out
+
+
+def raft_judge(index, *, calibration_pairs: int = 0, seed: int = 0):
+    """The groundedness judge for RAFT targets: `pipeline.metrics.Judge` with the index's embedder when it has
+    one (threshold calibrated on the index's chunks with `calibration_pairs` pairs, as evaluation does; 0 keeps
+    the judge's default), else its n-gram rule alone."""
+    from pipeline.metrics import Judge, calibrate_judge
+
+    embedder = getattr(index, "embedder", None)
+    if embedder is None:
+        return Judge(embed=None)
+
+    def embed(texts):
+        return embedder.encode(list(texts), batch_size=64)
+
+    if calibration_pairs <= 0:
+        return Judge(embed=embed)
+    texts = [c.text for c in getattr(index, "chunks", None) or []]
+    calibration = calibrate_judge(texts, embed, calibration_pairs, seed=seed)
+    return Judge(embed=embed, threshold=float(calibration.get("threshold", Judge(embed=None).threshold)))
+
+
+def describe_judge(judge) -> str:
+    if getattr(judge, "embed", None) is None:
+        return f"n-gram rule ({judge.overlap:g} of content-word {judge.ngram}-grams)"
+    return f"embedding similarity >= {judge.threshold:.3f} or {judge.overlap:g} of content-word {judge.ngram}-grams"
 
 
 def _search(index, question: str, n_distractors: int, mode: str, n_chunks: int) -> list:

@@ -1,7 +1,9 @@
 """Sequential stages, in the order `finetune.stages` lists them (any number, any names).
 
-Stage N starts from the base with the earlier stages merged in full precision (`parents` in its manifest)
-and trains a fresh adapter, or with `continue_previous_adapter` keeps training stage N-1's adapter. A `chat`
+Stage N starts from the base with the stage it builds on merged in full precision, on top of that stage's own
+parents (`parents` in its manifest), and trains a fresh adapter, or with `continue_previous_adapter` keeps
+training that stage's adapter. A stage builds on the one before it in the list, or on the earlier stage its
+`after` names (a sibling branch: e.g. a variant of the last stage trained on the same parents). A `chat`
 stage trains on conversations (loss on assistant turns, RAFT contexts when configured); a `text` stage is
 continued pre-training on document chunks (loss on every token). Every stage folder `<adapters_dir>/<stage>/`
 is written atomically (temp folder + rename) and holds the PEFT adapter, `manifest.json`,
@@ -51,7 +53,7 @@ from finetune.model import (
     resolve_dtype,
     stage_dir,
 )
-from finetune.prompt import REFUSAL_ANSWER, system_prompts
+from finetune.prompt import REFUSAL_ANSWER, defuse_citations, system_prompts
 from finetune.train import (
     CausalLMLoss,
     evaluate_loss,
@@ -65,6 +67,9 @@ from raglora.files import atomic_replace_dir, file_sha256
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = ".checkpoints"
+#: (sentence, passage) pairs that calibrate the judge of RAFT citations, as many as serving's default
+#: (serve.judge_calibration_pairs), so a training target cites what serving would verify.
+JUDGE_CALIBRATION_PAIRS = 100
 NO_STAGES = "no stages in finetune.stages: add at least one (see raglora init)"
 
 
@@ -142,11 +147,20 @@ class RunContext:
     train_cache: dict = field(default_factory=dict)
     val_cache: dict = field(default_factory=dict)
     _gold: tuple | None = None  # (GoldFinder, held-out gold chunk ids), built once per run
+    _judge: Any = None  # the groundedness judge of RAFT citations, calibrated once per run
 
     def raft_index(self, stage: StageConfig):
         if self.index is None:
             self.index = _open_index(self.index_dir, stage)
         return self.index
+
+    def raft_judge(self):
+        """`finetune.raft.raft_judge` on the run's index (embedder when it has one, else the n-gram rule)."""
+        if self._judge is None:
+            from finetune.raft import raft_judge
+
+            self._judge = raft_judge(self.index, calibration_pairs=JUDGE_CALIBRATION_PAIRS)
+        return self._judge
 
     def held_out_gold(self) -> tuple[Any, set[str], set[str]]:
         """(GoldFinder over the index, ids of every chunk that is gold for a held-out row of any chat stage, ids of
@@ -269,10 +283,11 @@ def _run_stage(ctx: RunContext, i: int, stage: StageConfig) -> dict:
 
     # data, and the hash of everything that shapes the stage
     train_rows, replay, data_files = stage_rows(i, stage, cfg=ctx.cfg, data_dir=ctx.data_dir, cache=ctx.train_cache)
-    finder, exclude, withhold = None, set(), set()
+    finder, exclude, withhold, judge = None, set(), set(), None
     if stage.raft:
         ctx.raft_index(stage)
         finder, exclude, withhold = ctx.held_out_gold()
+        judge = ctx.raft_judge()
     config_hash = _config_hash(ctx, stage, lora, chain, data_files, exclude | {f"withhold:{c}" for c in withhold})
     existing = _read_json(out_dir / MANIFEST)
     if existing and existing.get("config_hash") == config_hash and not ctx.force:
@@ -281,9 +296,9 @@ def _run_stage(ctx: RunContext, i: int, stage: StageConfig) -> dict:
     train_examples, raft_stats, tok_stats = stage_examples(
         stage, train_rows, replay, seed=ctx.cfg.seed, tok=ctx.tok, prompts=ctx.prompts,
         max_length=ctx.model_cfg.max_length, index=ctx.index, gold_finder=finder, exclude_chunks=exclude,
-        withhold_chunks=withhold, refusal_answer=ctx.no_answer_reply,
+        withhold_chunks=withhold, refusal_answer=ctx.no_answer_reply, judge=judge,
     )  # fmt: skip
-    val_sets = {s.name: _stage_val_examples(ctx, s) for s in ctx.cfg.stages[: i + 1]}
+    val_sets = {s.name: _stage_val_examples(ctx, s) for s in [*ctx.cfg.lineage(stage.name), stage]}
     _say(
         ctx.accelerator,
         f"stage {stage.name} ({stage.kind}): {len(train_examples)} examples ({len(replay)} replay); "
@@ -374,10 +389,11 @@ _RESULT_METRICS = (
 
 
 def _resolve_chain(ctx: RunContext, i: int, stage: StageConfig, lora: LoraSettings) -> Chain:
-    """The stage before this one in finetune.stages must be trained; its manifest gives the parents."""
-    if i == 0:
+    """The stage this one builds on (its `after`, else the one before it) must be trained; its manifest gives the
+    parents."""
+    prev = ctx.cfg.builds_on(stage.name)
+    if prev is None:
         return Chain(parents=[], init_from=None, parent_manifests={})
-    prev = ctx.cfg.stages[i - 1]
     prev_manifest = _read_json(stage_dir(ctx.adapters_dir, prev.name) / MANIFEST)
     if prev_manifest is None:
         raise RagloraError(
@@ -407,8 +423,11 @@ def _config_hash(
 ) -> str:
     """Everything that changes what the stage learns; an unchanged hash means the stage can be skipped."""
     m = ctx.model_cfg
+    stage_fields = stage.model_dump()
+    if stage_fields["after"] is None:  # the default chain: configs written before `after` existed keep their hash
+        del stage_fields["after"]
     hashed = {
-        "stage": stage.model_dump(),
+        "stage": stage_fields,
         "lora": lora.model_dump(),
         "base": m.base,
         "max_length": m.max_length,
@@ -469,9 +488,9 @@ def _val_loss(ctx: RunContext, loss_module, examples: list[dict]) -> float | Non
 
 
 def _forgetting(ctx: RunContext, i: int, stage: StageConfig, val_before, val_after: dict) -> dict:
-    """Validation loss of every earlier stage after its own training and after this one."""
+    """Validation loss of every stage this one is trained on top of, after its own training and after this one."""
     table = {}
-    for s in ctx.cfg.stages[:i]:
+    for s in ctx.cfg.lineage(stage.name):
         own = (_read_json(stage_dir(ctx.adapters_dir, s.name) / MANIFEST) or {}).get("metrics", {})
         after_own = (own.get("validation_loss") or {}).get(s.name)
         now = val_after.get(s.name)
@@ -564,7 +583,8 @@ def _kind_error(stage: StageConfig, path: Path, rows: list[dict]) -> str | None:
 
 
 def stage_rows(i: int, stage: StageConfig, *, cfg: FinetuneConfig, data_dir: Path, cache: dict) -> tuple:
-    """(training rows, replay rows drawn from the earlier stages, {role: file facts for the manifest})."""
+    """(training rows, replay rows drawn from the stages it is trained on top of, {role: file facts for the
+    manifest})."""
     train_path = _data_path(data_dir, stage.train_file)
     if stage.name not in cache:
         rows = load_examples(train_path, stage=stage.name, allow_empty=True)
@@ -580,9 +600,10 @@ def stage_rows(i: int, stage: StageConfig, *, cfg: FinetuneConfig, data_dir: Pat
             raise RagloraError(f"stage {stage.name}: validation file not found: {val_path}")
         data_files["validation"] = {"path": str(val_path), "sha256": file_sha256(val_path)}
     replay: list[dict] = []
-    if stage.replay_fraction > 0 and i > 0:
+    lineage = cfg.lineage(stage.name)
+    if stage.replay_fraction > 0 and lineage:
         earlier = []
-        for s in cfg.stages[:i]:
+        for s in lineage:
             p = _data_path(data_dir, s.train_file)
             if s.name not in cache:
                 cache[s.name] = load_examples(p, stage=s.name, allow_empty=True)
@@ -606,11 +627,13 @@ def stage_examples(
     exclude_chunks=(),
     withhold_chunks=None,
     refusal_answer: str = REFUSAL_ANSWER,
+    judge=None,
 ) -> tuple[list[dict], dict | None, dict]:
     """Tokenized training examples exactly as the stage trains on them (RAFT contexts added when configured).
 
     `exclude_chunks`: chunk ids never used as RAFT distractors (the gold chunks of held-out rows);
-    `withhold_chunks`: chunk ids never shown at all (held-out rows' own chunks; default: all of exclude_chunks).
+    `withhold_chunks`: chunk ids never shown at all (held-out rows' own chunks; default: all of exclude_chunks);
+    `judge`: the groundedness judge of RAFT citations (default: `finetune.raft.raft_judge(index)`).
     """
     examples = list(rows)
     raft_stats = None
@@ -637,6 +660,7 @@ def stage_examples(
             exclude_chunks=exclude_chunks,
             withhold_chunks=withhold_chunks,
             refusal_answer=refusal_answer,
+            judge=judge,
         )
     train_examples, tok_stats = _tokenize_all(tok, examples + replay, prompts["plain"], max_length)
     if not train_examples:
@@ -646,8 +670,12 @@ def stage_examples(
 
 def _tokenize_all(tok, examples: list[dict], system_prompt: str, max_length: int) -> tuple[list[dict], dict]:
     """Chat rows: chat template, loss on assistant turns, truncated to max_length. Text rows: plain text, loss on
-    every token, split into windows of max_length."""
-    out, truncated, dropped, split = [], 0, 0, 0
+    every token, split into windows of max_length.
+
+    A closed-book row's assistant turns get their [n]-like text rewritten ("see [3]" -> "see (3)",
+    `finetune.prompt.defuse_citations`): only RAFT targets carry [n], and there it cites passage n.
+    """
+    out, truncated, dropped, split, defused = [], 0, 0, 0, 0
     for ex in examples:
         if is_text_example(ex):
             windows = tokenize_text(tok, ex["text"], max_length)
@@ -655,7 +683,11 @@ def _tokenize_all(tok, examples: list[dict], system_prompt: str, max_length: int
             dropped += int(not windows)
             out += [{**w, "id": ex["id"], "stage": ex["stage"]} for w in windows]
             continue
-        msgs = ex["messages"] if "raft" in ex else with_system(ex["messages"], system_prompt)
+        if "raft" in ex:
+            msgs = ex["messages"]
+        else:
+            msgs = with_system(_defuse_turns(ex["messages"]), system_prompt)
+            defused += int(msgs[-len(ex["messages"]) :] != ex["messages"])
         full = tokenize_conversation(tok, msgs, None)
         t = tokenize_conversation(tok, msgs, max_length) if full and full["length"] > max_length else full
         if t is None:
@@ -663,7 +695,16 @@ def _tokenize_all(tok, examples: list[dict], system_prompt: str, max_length: int
             continue
         truncated += int(full["length"] > max_length)
         out.append({**t, "id": ex["id"], "stage": ex["stage"]})
-    return out, {"truncated": truncated, "dropped": dropped, "split_into_windows": split}
+    return out, {
+        "truncated": truncated,
+        "dropped": dropped,
+        "split_into_windows": split,
+        "citation_like_rewritten": defused,
+    }
+
+
+def _defuse_turns(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": defuse_citations(m["content"])} if m["role"] == "assistant" else m for m in messages]
 
 
 def _val_examples(stage: StageConfig, *, data_dir, tok, prompts, max_length, limit, cache) -> list[dict]:

@@ -7,6 +7,7 @@ from ft_helpers import StubIndex, faq_rows
 from finetune.data import load_examples
 from finetune.prompt import CONTEXT_BEGIN, REFUSAL_ANSWER
 from finetune.raft import build_raft_examples
+from pipeline.metrics import citation_markers
 
 
 def _examples(tmp_path, n=8):
@@ -27,14 +28,17 @@ def test_fractions_gold_and_distractors(tmp_path):
     for e in raft:
         gold = e["faq_id"]
         sources = e["raft"]["sources"]
+        target = e["messages"][-1]
         if e["raft"]["gold"]:
             assert sources.count(gold) == 1 and len(sources) == 3
-        else:
-            assert gold not in sources and len(sources) == 2
+            n = sources.index(gold) + 1  # the answer, citing the gold passage by its number
+            assert target == {"role": "assistant", "content": e["answer"][:-1] + f" [{n}]."}
+        else:  # as many passages as a gold row: retrieval's top hits with the gold removed; the hand-over reply
+            assert gold not in sources and len(sources) == 3
+            assert target == {"role": "assistant", "content": REFUSAL_ANSWER}
         assert e["messages"][0] == {"role": "system", "content": "RAG"}
         assert CONTEXT_BEGIN in e["messages"][1]["content"]
         assert e["messages"][1]["content"].endswith(e["question"])
-        assert e["messages"][-1] == {"role": "assistant", "content": e["answer"]}  # RAFT: answer even without gold
     assert all(
         "raft" not in e and e["messages"] == examples[i]["messages"] for i, e in enumerate(out) if "raft" not in e
     )
@@ -46,13 +50,16 @@ def test_seeded_and_refusal_target(tmp_path):
     examples = _examples(tmp_path)
     index = StubIndex(faq_rows("bygglov"))
     kw = dict(index=index, fraction=1.0, n_distractors=1, p_no_gold=0.5, system_prompt="S", seed=3)
-    a, _ = build_raft_examples(examples, **kw)
+    a, stats = build_raft_examples(examples, **kw)
     b, _ = build_raft_examples(examples, **kw)
     assert a == b
-    c, stats = build_raft_examples(examples, no_gold_target="refusal", **kw)
-    refusals = [e for e in c if not e["raft"]["gold"]]
-    assert len(refusals) == stats["without_gold"] == 4
-    assert all(e["messages"][-1]["content"] == REFUSAL_ANSWER for e in refusals)
+    refusals = [e for e in a if not e["raft"]["gold"]]  # the hand-over reply is the default target
+    assert len(refusals) == stats["without_gold"] == stats["refusal_targets"] == 4
+    assert all(e["messages"][-1]["content"] == REFUSAL_ANSWER and e["raft"]["target"] == "refusal" for e in refusals)
+    c, stats = build_raft_examples(examples, no_gold_target="answer", **kw)  # the RAFT paper's variant
+    answers = [e for e in c if not e["raft"]["gold"]]
+    assert len(answers) == stats["answer_targets_without_gold"] == 4 and stats["refusal_targets"] == 0
+    assert all(e["messages"][-1]["content"] == e["answer"] and e["raft"]["target"] == "answer" for e in answers)
 
 
 def test_distractors_are_dropped_before_the_prompt_would_be_truncated(tmp_path):
@@ -64,6 +71,8 @@ def test_distractors_are_dropped_before_the_prompt_would_be_truncated(tmp_path):
     )  # fmt: skip
     assert all(len(e["raft"]["sources"]) == 2 and e["faq_id"] in e["raft"]["sources"] for e in out)
     assert stats["dropped_distractors_for_length"] == 4
+    for e in out:  # the marker is the gold passage's number in the prompt as shown, after the drops
+        assert citation_markers(e["messages"][-1]["content"]) == [e["raft"]["sources"].index(e["faq_id"]) + 1]
 
 
 def test_works_with_the_real_retriever_index(tmp_path):
