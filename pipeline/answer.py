@@ -1,10 +1,15 @@
 """The answer pipeline of one turn: route (mode, stage), retrieve, build the prompt or hand over, generate, store.
 
 `AnswerService.prepare` decides everything before generation (a `Prepared`), `start` queues generation,
-`finish` writes the turn (and a hand-off ticket) to the store; `answer` does all three, blocking. The pieces:
+`finish` checks the answer and writes the turn (and a hand-off ticket) to the store; `answer` does all three,
+blocking. A turn is handed over to a person (issue 12) when the user asks for one, when retrieval finds nothing
+to answer from (the fitted answerability gate, pipeline.gate, or else the `handoff_threshold` rule), when the
+model writes a hand-over reply itself, or when the citation policy says too much of the answer has no
+supporting passage (pipeline.citations). The pieces:
 - pipeline.routing: modes, stages and model names (`raglora-rag+lora-<stage>`), defaults;
 - pipeline.handoff: "asks for a person" and follow-up rules, per language;
 - pipeline.prompting: the prompt fitted to the context window, untrusted text neutralised;
+- pipeline.citations: each answer sentence cited with the passages the groundedness judge says support it;
 - pipeline.service: `build_service(cfg)`, the composition root (model, adapters, index, store, persona);
 - pipeline.chat: the terminal chat.
 """
@@ -18,6 +23,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pipeline.citations import Verified, verify_answer
 from pipeline.generate import GenerationHandle, Generator, SamplingParams
 from pipeline.handoff import (
     ASKED_FOR_PERSON,
@@ -27,6 +33,7 @@ from pipeline.handoff import (
     condense_query,
     wants_human,
 )
+from pipeline.metrics import Judge, is_refusal
 from pipeline.prompting import PromptFitter, control_tokens, strip_control_tokens, token_ids
 from pipeline.routing import LORA_MODES, MODEL_PREFIX, MODES, RAG_MODES, Routing, UnknownModel, model_name
 from pipeline.store import ANONYMOUS, ConversationStore
@@ -40,11 +47,14 @@ log = logging.getLogger("raglora.answer")
 
 _ids = token_ids  # the old private name (bench/generation.py)
 
+MODEL_HANDED_OVER = "the model said the documents do not answer this"
+
 __all__ = [
     "ASKED_FOR_PERSON",
     "HANDOFF_REPLY",
     "LORA_MODES",
     "LOW_SCORE_REPLY",
+    "MODEL_HANDED_OVER",
     "MODEL_PREFIX",
     "MODES",
     "RAG_MODES",
@@ -52,6 +62,7 @@ __all__ = [
     "AnswerService",
     "Prepared",
     "UnknownModel",
+    "Verified",
     "build_service",
     "chat_repl",
     "condense_query",
@@ -83,7 +94,10 @@ def __getattr__(name: str):
 
 @dataclass
 class Prepared:
-    """Everything decided before generation: the prompt, citations, and whether to hand over instead."""
+    """Everything decided before generation: the prompt, its passages, and whether to hand over instead.
+
+    `citations` are the prompt's passages, numbered as in the prompt ([n] = n-th), with their title and text.
+    """
 
     mode: str
     stage: str | None
@@ -97,6 +111,7 @@ class Prepared:
     retrieval_ms: float
     best_score: float | None = None
     handoff_text: str | None = None  # the fixed reply when this turn is handed over to a person (no generation)
+    gate: dict | None = None  # the answerability gate's decision: {"answerable", "p_answerable", "threshold"}
 
     @property
     def model(self) -> str:
@@ -115,19 +130,25 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     timing: dict = field(default_factory=dict)
+    unsupported: list[str] = field(default_factory=list)  # answer sentences no passage supports
+    rejected_citations: list[int] = field(default_factory=list)  # [n] the model wrote that the judge rejected
+    gate: dict | None = None
 
     @property
     def model(self) -> str:
         return model_name(self.mode, self.stage)
 
     def extension(self) -> dict:
-        """The `raglora` extension object of an API response."""
+        """The `raglora` extension object of an API response (OpenAI clients see it as an extra field)."""
         return {
             "conversation_id": self.conversation_id,
             "mode": self.mode,
             "stage": self.stage,
             "citations": self.citations,
+            "unsupported": self.unsupported,
+            "rejected_citations": self.rejected_citations,
             "handoff": self.handoff,
+            "gate": self.gate,
             "timing": self.timing,
         }
 
@@ -136,7 +157,8 @@ class AnswerService:
     """Stateless per request; holds the generator, the index, the prompts, the replies and the store.
 
     Defaults (retrieval, replies, prompts) are the library's; `pipeline.service.build_service` passes a
-    project's own from its config.
+    project's own from its config, the fitted answerability `gate` and the calibrated `judge`. Without a judge,
+    RAG answers are shown as the model wrote them, citing every prompt passage (unverified).
     """
 
     def __init__(
@@ -156,6 +178,10 @@ class AnswerService:
         handoff_reply: str = HANDOFF_REPLY,
         no_answer_reply: str = LOW_SCORE_REPLY,
         language: str = DEFAULT_LANGUAGE,
+        gate=None,
+        judge: Judge | None = None,
+        citation_policy: str = "keep",
+        max_unsupported_share: float = 0.5,
     ):
         from finetune.prompt import load_system_prompt
         from retriever.config import RetrievalConfig
@@ -169,6 +195,10 @@ class AnswerService:
         self.rag_system_prompt = rag_system_prompt if rag_system_prompt is not None else load_system_prompt(None, True)
         self.retrieval = {**RetrievalConfig().model_dump(), **(retrieval or {})}
         self.handoff_threshold = handoff_threshold
+        self.gate = gate  # pipeline.gate.Gate or None (then the handoff_threshold rule)
+        self.judge = judge
+        self.citation_policy = citation_policy
+        self.max_unsupported_share = max_unsupported_share
         self.handoff_reply = handoff_reply
         self.no_answer_reply = no_answer_reply
         self.language = language
@@ -284,11 +314,28 @@ class AnswerService:
         contexts = None
         query = None
         best = None
+        gate = None
         t0 = time.perf_counter()
         if mode in RAG_MODES and handoff_reason is None:
             query = condense_query(question, history, self.language)
             contexts, best = self._retrieve(query, exclude_chunks)
-            if self.handoff_threshold is not None and (
+            if self.gate is not None:
+                # The gate runs its own search with the settings it was fitted with (and the same exclusions).
+                decision = self.gate.decide(self.index, query, exclude=exclude_chunks)
+                gate = {
+                    "answerable": bool(decision.answerable),
+                    "p_answerable": round(float(decision.p_answerable), 4),
+                    "threshold": round(float(decision.threshold), 4),
+                    "features": {k: round(float(v), 4) for k, v in decision.features.items()},
+                }
+                if not decision.answerable or not contexts:
+                    handoff_reason = (
+                        "the answerability gate found no answer in the documentation "
+                        f"(p_answerable {decision.p_answerable:.3f} < threshold {decision.threshold:.3f})"
+                        if not decision.answerable
+                        else "no relevant documentation found"
+                    )
+            elif self.handoff_threshold is not None and (
                 not contexts or (best is not None and best < self.handoff_threshold)
             ):
                 handoff_reason = "no relevant documentation found" + (
@@ -303,6 +350,7 @@ class AnswerService:
                 "source": ctx.get("source"),
                 "title": ctx.get("title"),
                 "chunk_id": ctx.get("chunk_id"),
+                "text": ctx.get("text"),  # the passage as the model saw it, so a person can check the answer
                 "score": ctx.get("score"),
                 "relevance": ctx.get("dense_score"),
             }
@@ -321,6 +369,7 @@ class AnswerService:
             retrieval_ms,
             best,
             self._handoff_reply(handoff_reason),
+            gate,
         )
 
     # -- generation + persistence ---------------------------------------------------------------------------------
@@ -344,6 +393,44 @@ class AnswerService:
             return []
         return [{"role": m["role"], "content": m["content"]} for m in self.store.messages(conversation_id)]
 
+    def verify(self, prepared: Prepared, text: str) -> Verified:
+        """The answer checked against the prompt's passages, as serving shows it (evaluation scores this too).
+
+        Uses the service's judge (n-gram overlap only when none was given) and citation policy.
+        """
+        judge = self.judge if self.judge is not None else Judge(embed=None)
+        return verify_answer(
+            text,
+            prepared.citations,
+            judge,
+            policy=self.citation_policy,
+            max_unsupported=self.max_unsupported_share,
+        )
+
+    def check(self, prepared: Prepared, text: str) -> tuple[str, list[dict], str | None, Verified | None]:
+        """(text shown, citations, hand-off reason or None, verification) of a generated answer.
+
+        A model that writes a hand-over reply itself hands over (its promise of a colleague must come with a
+        ticket); a RAG answer is verified when the service has a judge, else shown as written with every
+        prompt passage as a citation.
+        """
+        if prepared.handoff_reason is not None:
+            return prepared.handoff_text or "", [], prepared.handoff_reason, None
+        if is_refusal(text, (self.no_answer_reply, self.handoff_reply)):
+            return self.no_answer_reply, [], MODEL_HANDED_OVER, None
+        if prepared.mode not in RAG_MODES:
+            return text, [], None, None
+        if self.judge is None:
+            return text, prepared.citations, None, None
+        verified = self.verify(prepared, text)
+        if verified.handover:
+            reason = (
+                f"the documentation does not support the answer ({1 - verified.supported_share:.0%} of its sentences "
+                f"have no supporting passage; policy {self.citation_policy!r}, limit {self.max_unsupported_share:.0%})"
+            )
+            return self.no_answer_reply, [], reason, verified
+        return verified.text, verified.citations, None, verified
+
     def finish(
         self,
         prepared: Prepared,
@@ -355,25 +442,29 @@ class AnswerService:
         timing: dict,
         history: list[dict] | None = None,
     ) -> Answer:
-        """Write the turn (and a hand-off ticket) to the store, committed, and build the Answer."""
-        handoff = None
-        if prepared.handoff_reason is not None:
-            text = prepared.handoff_text or ""
+        """Check the answer (`check`), write the turn (and a hand-off ticket) to the store, committed, and build the
+        Answer."""
+        text, citations, handoff_reason, verified = self.check(prepared, text)
+        if handoff_reason is not None:
             finish_reason = "stop"
-        citations = [] if prepared.handoff_reason else prepared.citations
+        unsupported = verified.unsupported if verified is not None and handoff_reason is None else []
+        rejected = verified.rejected if verified is not None else []
+        handoff = None
         if self.store is not None and conversation_id is not None:
             meta = {"model": prepared.model, "citations": citations, "finish_reason": finish_reason}
+            if unsupported or rejected:
+                meta.update(unsupported=unsupported, rejected_citations=rejected)
             self.store.add_messages(
                 conversation_id,
                 [{"role": "user", "content": prepared.question}, {"role": "assistant", "content": text, "meta": meta}],
             )
-            if prepared.handoff_reason is not None:
+            if handoff_reason is not None:
                 transcript = [*(history or []), {"role": "user", "content": prepared.question}]
                 transcript.append({"role": "assistant", "content": text})
-                ticket = self.store.create_handoff(conversation_id, prepared.handoff_reason, transcript)
-                handoff = {"ticket_id": ticket, "reason": prepared.handoff_reason}
-        if prepared.handoff_reason is not None and handoff is None:
-            handoff = {"ticket_id": None, "reason": prepared.handoff_reason}
+                ticket = self.store.create_handoff(conversation_id, handoff_reason, transcript)
+                handoff = {"ticket_id": ticket, "reason": handoff_reason}
+        if handoff_reason is not None and handoff is None:
+            handoff = {"ticket_id": None, "reason": handoff_reason}
         return Answer(
             text=text,
             mode=prepared.mode,
@@ -385,6 +476,9 @@ class AnswerService:
             prompt_tokens=len(prepared.prompt_ids),
             completion_tokens=completion_tokens,
             timing=timing,
+            unsupported=unsupported,
+            rejected_citations=rejected,
+            gate=prepared.gate,
         )
 
     def answer(

@@ -81,6 +81,12 @@ def chat_repl(
                     print(f"  [{c['n']}] {c['title']} ({c['source']}, score {c['score']:.3f})", file=out)
                 continue
             print("bot> ", end="", file=out, flush=True)
+            streamed: list[str] = []
+
+            def on_delta(delta: str, streamed: list[str] = streamed) -> None:
+                streamed.append(delta)
+                print(delta, end="", file=out, flush=True)
+
             try:
                 last = service.answer(
                     line,
@@ -88,16 +94,21 @@ def chat_repl(
                     mode=mode,
                     stage=stage,
                     params=SamplingParams(max_new_tokens=max_new_tokens or service.max_new_tokens_default),
-                    on_delta=lambda d: print(d, end="", file=out, flush=True),
+                    on_delta=on_delta,
                 )
             except RagloraError as exc:
                 print(f"\nerror: {exc}", file=out)
                 continue
             print(file=out)
+            if last.text != "".join(streamed):  # checked after streaming: verified markers, or a hand-over
+                print(f"bot (checked)> {last.text}", file=out)
             if last.citations:
                 print("sources: " + "; ".join(f"[{c['n']}] {c['title']}" for c in last.citations), file=out)
+            if last.unsupported:
+                print("not supported by the sources: " + " | ".join(last.unsupported), file=out)
             if last.handoff:
-                print(f"(handed over: {last.handoff['reason']})", file=out)
+                ticket = last.handoff.get("ticket_id")
+                print(f"(handed over{f', ticket {ticket}' if ticket else ''}: {last.handoff['reason']})", file=out)
             history += [{"role": "user", "content": line}, {"role": "assistant", "content": last.text}]
     except KeyboardInterrupt:
         print(file=out)

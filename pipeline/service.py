@@ -3,12 +3,15 @@
 Everything project-specific comes from the config: the persona (`project.name`, `project.description`) fills
 the system prompts, the hand-off replies are `project.handoff_reply` / `project.no_answer_reply`, the hand-off
 and follow-up rules follow `index.language`, and the default stage is `serve.default_stage` or the deepest
-trained stage.
+trained stage. With an index, the service also gets the answerability gate fitted by `raglora gate` (when there is
+one and `serve.gate` is on) and the groundedness judge that verifies citations, calibrated on the index's chunks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +19,9 @@ from typing import TYPE_CHECKING
 from pipeline.answer import AnswerService
 from pipeline.generate import Generator, StageModels
 from pipeline.handoff import DEFAULT_LANGUAGE, HANDOFF_REPLY, LOW_SCORE_REPLY
+from pipeline.metrics import Judge, calibrate_judge
 from pipeline.store import ConversationStore
+from raglora.files import atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
     from pipeline.api.settings import ServeConfig
@@ -41,6 +46,60 @@ def package_versions() -> dict:
         except PackageNotFoundError:
             out[dist] = None
     return out
+
+
+def build_judge(index, n_pairs: int, seed: int = 0, *, cache: str | Path | None = None) -> tuple[Judge, dict]:
+    """The groundedness judge on the index's embedder, its threshold calibrated on `n_pairs` (sentence, passage)
+    pairs drawn from the index's chunks (`pipeline.metrics.calibrate_judge`, seeded: the same index gives the same
+    threshold). Returns (judge, calibration); calibration["seconds"] is what it cost at this start.
+
+    Calibration embeds every sentence of the sampled passages (~8 s for 100 pairs on the demo index on two CPU
+    cores), so the result is kept in `cache` (a JSON file) under a key of the index manifest, the embedder, the
+    pairs and the seed: a restart on the same index reuses it; a rebuilt index or another embedder recalibrates.
+    """
+    embedder = index.embedder
+
+    def embed(texts):
+        return embedder.encode(list(texts), batch_size=64)
+
+    t0 = time.perf_counter()
+    manifest = Path(index.path) / "manifest.json"
+    key = {
+        "index_manifest": file_sha256(manifest) if manifest.exists() else None,
+        "embedder": getattr(embedder, "name", None),
+        "n_pairs": n_pairs,
+        "seed": seed,
+    }
+    calibration = None
+    if cache is not None and key["index_manifest"] is not None and Path(cache).exists():
+        try:
+            stored = json.loads(Path(cache).read_text(encoding="utf-8"))
+            if stored.get("key") == key:
+                calibration = dict(stored["calibration"], cached=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            calibration = None  # unreadable: calibrate again and overwrite it
+    if calibration is None:
+        calibration = calibrate_judge([c.text for c in index.chunks], embed, n_pairs, seed=seed)
+        if cache is not None and key["index_manifest"] is not None:
+            try:
+                atomic_write_text(cache, json.dumps({"key": key, "calibration": calibration}, indent=2) + "\n")
+            except OSError as exc:  # a read-only artifacts folder must not stop serving
+                log.warning("could not cache the judge calibration at %s: %s", cache, exc)
+    calibration["seconds"] = round(time.perf_counter() - t0, 3)
+    log.info(
+        "citation judge: threshold %.3f from %s pairs (%s) in %.2fs",
+        calibration["threshold"],
+        calibration.get("n_supported", 0),
+        "cached" if calibration.get("cached") else "calibrated",
+        calibration["seconds"],
+    )
+    return Judge(embed=embed, threshold=float(calibration["threshold"])), calibration
+
+
+def gate_dir(cfg) -> Path:
+    """Where `raglora gate` writes the answerability gate: paths.gate_dir, else <artifacts_dir>/gate."""
+    configured = getattr(cfg.paths, "gate_dir", None)
+    return Path(configured) if configured else Path(cfg.paths.artifacts_dir) / "gate"
 
 
 def build_service(
@@ -102,6 +161,22 @@ def build_service(
     system_prompt, rag_system_prompt = prompts["plain"], prompts["rag"]
     store = None
     try:
+        gate = judge = None
+        if index is not None:
+            index_dir = Path(cfg.paths.index_dir)
+            cache = index_dir.with_name(index_dir.name + ".judge.json")  # beside the index (artifacts/index.judge.json)
+            judge, calibration = build_judge(index, serve.judge_calibration_pairs, cache=cache)
+            versions["citation_judge"] = {
+                "threshold": calibration["threshold"],
+                "calibration_s": calibration["seconds"],
+            }
+            if serve.gate:
+                from pipeline.gate import load_gate
+
+                gate = load_gate(gate_dir(cfg))
+                if gate is None:
+                    log.info("no answerability gate at %s: hand-over by serve.handoff_threshold", gate_dir(cfg))
+            versions["answerability"] = "gate" if gate is not None else f"handoff_threshold {serve.handoff_threshold}"
         store = ConversationStore(serve.db_path) if with_store else None
         return AnswerService(
             generator,
@@ -118,9 +193,13 @@ def build_service(
             handoff_reply=getattr(project, "handoff_reply", None) or HANDOFF_REPLY,
             no_answer_reply=getattr(project, "no_answer_reply", None) or LOW_SCORE_REPLY,
             language=getattr(getattr(cfg, "index", None), "language", None) or DEFAULT_LANGUAGE,
+            gate=gate,
+            judge=judge,
+            citation_policy=serve.citations,
+            max_unsupported_share=serve.max_unsupported_share,
         )
     except BaseException:
-        generator.close()  # a bad serve.default_stage must not leave the worker thread running
+        generator.close()  # a bad serve.default_stage (or gate) must not leave the worker thread running
         if store is not None:
             store.close()
         raise

@@ -87,14 +87,25 @@ class CompletionChoice(BaseModel):
 
 
 class Extension(BaseModel):
-    """The `raglora` object: conversation id, mode/stage, citations, hand-off and timings."""
+    """The `raglora` object: conversation id, mode/stage, citations, unsupported sentences, hand-off and timings.
+
+    `citations`: the passages the shown answer cites as [n] ({"n", "source", "title", "chunk_id", "text", "score",
+    "relevance"}); `unsupported`: answer sentences no passage supports; `rejected_citations`: [n] markers the model
+    wrote that the judge rejected; `handoff`: {"ticket_id", "reason"} when the turn went to a person; `gate`: the
+    answerability gate's decision, when one is fitted; `text` (last stream chunk only): the answer as shown and
+    stored, when it differs from the streamed tokens.
+    """
 
     conversation_id: str | None
     mode: str
     stage: str | None
     citations: list[dict[str, Any]]
+    unsupported: list[str] = []
+    rejected_citations: list[int] = []
     handoff: dict[str, Any] | None
+    gate: dict[str, Any] | None = None
     timing: dict[str, Any]
+    text: str | None = None
 
 
 class ChatCompletion(BaseModel):

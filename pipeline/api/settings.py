@@ -33,8 +33,24 @@ class ServeConfig(BaseModel):
     # activates the parents' adapters with the stage's own on one shared base (identical outputs for LoRA,
     # one copy in memory, ~20 ms set_adapter per switch).
     adapter_strategy: Literal["stack", "merged"] = "merged"
-    # Hand over to a person when the best retrieval relevance (cosine similarity of a dense search) is below this.
+    # Answerability (issue 12): with `gate` on, a gate fitted by `raglora gate` (paths.gate_dir) decides whether
+    # retrieval found something to answer from; without a fitted gate (or with gate: false) the fallback is
+    # handoff_threshold: hand over when the best dense cosine similarity of the retrieved passages is below it.
+    gate: bool = True
     handoff_threshold: float | None = 0.3
+    # Verified citations (pipeline.citations): each answer sentence is cited with the passages that the
+    # groundedness judge says support it; sentences no passage supports are listed as `unsupported`.
+    # "keep" shows them, "drop" removes them, "handover" hands the turn over to a person when more than
+    # max_unsupported_share of the answer's sentences are unsupported. Default "handover": the failure this
+    # guards against is a small model answering an in-domain-sounding question from plausible passages that do
+    # not hold the answer (the gold-removed case the gate cannot see); a mostly unsupported answer is then more
+    # likely made up than right, and a colleague costs less than a confident wrong answer. A mostly supported
+    # answer is shown with its unsupported sentences listed. Choose "keep" if false hand-overs cost more.
+    citations: Literal["keep", "drop", "handover"] = "handover"
+    max_unsupported_share: float = Field(0.5, ge=0.0, le=1.0)
+    # The judge's similarity threshold is calibrated at startup on this many (sentence, passage) pairs drawn
+    # from the index (seeded; one batched embedding call); 0 uses the judge's default threshold.
+    judge_calibration_pairs: int = Field(100, ge=0)
     default_mode: Mode = "rag+lora"
     default_stage: str | None = None  # None: the deepest trained stage
     max_new_tokens_default: int = Field(256, ge=1)

@@ -1,4 +1,9 @@
-"""OpenAI-compatible `POST /v1/chat/completions` (JSON or SSE), with a `raglora` extension object."""
+"""OpenAI-compatible `POST /v1/chat/completions` (JSON or SSE), with a `raglora` extension object.
+
+The answer shown is the checked one (`AnswerService.finish`): RAG answers carry verified citations (each with the
+passage's title and text) and the sentences no passage supports (`raglora.unsupported`); a hand-over carries its
+ticket id (`raglora.handoff.ticket_id`), readable with the conversation at `GET /v1/conversations/{id}`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pipeline.answer import ASKED_FOR_PERSON, AnswerService, Prepared
+from pipeline.answer import ASKED_FOR_PERSON, MODEL_HANDED_OVER, Answer, AnswerService, Prepared
 from pipeline.api.deps import MetricsDep, PrincipalDep, ServiceDep, SettingsDep
 from pipeline.api.errors import STORE_UNAVAILABLE, ApiError
 from pipeline.api.metrics import ApiMetrics
@@ -101,7 +106,19 @@ async def _finish_turn(
     )
 
 
-def _observe(metrics: ApiMetrics, prepared: Prepared, handle: GenerationHandle | None, t0: float, stream: bool):
+def _handoff_kind(reason: str) -> str:
+    if reason == ASKED_FOR_PERSON:
+        return "asked"
+    if reason == MODEL_HANDED_OVER:
+        return "model"
+    if reason.startswith("the documentation does not support"):
+        return "unsupported"
+    return "low_score"  # retrieval: the answerability gate or the handoff_threshold rule
+
+
+def _observe(
+    metrics: ApiMetrics, prepared: Prepared, answer: Answer, handle: GenerationHandle | None, t0: float, stream: bool
+):
     metrics.completions.labels(prepared.model, str(stream).lower()).inc()
     metrics.prompt_tokens.labels(prepared.mode).inc(len(prepared.prompt_ids))
     if handle is not None:
@@ -109,8 +126,8 @@ def _observe(metrics: ApiMetrics, prepared: Prepared, handle: GenerationHandle |
         if handle.first_token_at is not None:
             metrics.ttft.labels(prepared.mode).observe(handle.first_token_at - t0)
         metrics.generation.labels(prepared.mode).observe(time.perf_counter() - t0)
-    if prepared.handoff_reason is not None:
-        metrics.handoffs.labels("asked" if prepared.handoff_reason == ASKED_FOR_PERSON else "low_score").inc()
+    if answer.handoff is not None:
+        metrics.handoffs.labels(_handoff_kind(answer.handoff["reason"])).inc()
 
 
 @router.post(
@@ -186,7 +203,7 @@ async def chat_completions(
                 if not handle.done:
                     handle.cancel()
         answer = await _finish_turn(service, prepared, handle, cid, history, t0)
-        _observe(metrics, prepared, handle, t0, False)
+        _observe(metrics, prepared, answer, handle, t0, False)
         return JSONResponse(
             completion_body(
                 completion_id=completion_id,
@@ -225,15 +242,29 @@ async def _stream(
     finished = False
     try:
         yield _sse(chunk_body(**common, delta={"role": "assistant", "content": ""}))
+        streamed = ""
         if handle is None:
-            yield _sse(chunk_body(**common, delta={"content": prepared.handoff_text}))
+            streamed = prepared.handoff_text or ""
+            yield _sse(chunk_body(**common, delta={"content": streamed}))
         else:
             async for delta in handle.astream():
+                streamed += delta
                 yield _sse(chunk_body(**common, delta={"content": delta}))
         answer = await _finish_turn(service, prepared, handle, cid, history, t0)
         finished = True
-        _observe(metrics, prepared, handle, t0, True)
-        yield _sse(chunk_body(**common, delta={}, finish_reason=answer.finish_reason, extension=answer.extension()))
+        _observe(metrics, prepared, answer, handle, t0, True)
+        # Tokens are streamed as generated, before the answer can be checked, and a delta cannot take text back.
+        # So after the check: when the citation policy hands the turn over, every client (a plain OpenAI one too)
+        # gets the hand-over reply as one more content delta (a model that wrote a hand-over reply itself has
+        # said so already); and when the shown text differs from the streamed one (markers rewritten to the
+        # verified passages, unsupported sentences dropped, a hand-over), the final chunk's `raglora.text` holds
+        # the text as shown and stored, which a raglora-aware client (the chat page) puts in place of the stream.
+        extension = answer.extension()
+        if answer.handoff is not None and handle is not None and answer.handoff["reason"] != MODEL_HANDED_OVER:
+            yield _sse(chunk_body(**common, delta={"content": "\n\n" + answer.text}))
+        if answer.text != streamed:
+            extension["text"] = answer.text
+        yield _sse(chunk_body(**common, delta={}, finish_reason=answer.finish_reason, extension=extension))
         if include_usage:
             usage = {
                 "prompt_tokens": answer.prompt_tokens,
