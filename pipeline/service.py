@@ -169,14 +169,23 @@ def build_service(
             versions["citation_judge"] = {
                 "threshold": calibration["threshold"],
                 "calibration_s": calibration["seconds"],
+                "cached": bool(calibration.get("cached")),
             }
+            answerability = f"handoff_threshold {serve.handoff_threshold}"
             if serve.gate:
-                from pipeline.gate import load_gate
+                from pipeline.gate import load_gate, stale_reason
 
                 gate = load_gate(gate_dir(cfg))
+                stale = stale_reason(gate_dir(cfg), cfg.paths.index_dir) if gate is not None else None
                 if gate is None:
                     log.info("no answerability gate at %s: hand-over by serve.handoff_threshold", gate_dir(cfg))
-            versions["answerability"] = "gate" if gate is not None else f"handoff_threshold {serve.handoff_threshold}"
+                elif stale:
+                    # Its features were calibrated on other documents: its probabilities mean nothing here.
+                    log.warning("%s; until then hand-over by serve.handoff_threshold", stale)
+                    gate, answerability = None, f"{answerability} (stale gate: {stale})"
+                else:
+                    answerability = f"gate {gate_dir(cfg)}"
+            versions["answerability"] = answerability
         store = ConversationStore(serve.db_path) if with_store else None
         return AnswerService(
             generator,

@@ -348,3 +348,62 @@ def test_gold_removed_question_through_openai_client_creates_a_ticket(
         srv.should_exit = True
         thread.join(20)
         service.close()
+
+
+# --------------------------------------------------------------------------------------------- build_service
+
+
+def _built(tmp_path, adapters_dir, monkeypatch, gate_manifest_index_sha: str | None):
+    """A root config over a real index folder (fake embedder) and a gate folder; build_service on it."""
+    from tiny_model import make_tiny_model, make_tiny_tokenizer
+
+    import retriever.embedder
+    from pipeline.api.settings import ServeConfig
+    from pipeline.config import Config
+    from pipeline.service import build_service
+    from raglora.files import file_sha256
+
+    monkeypatch.setattr(retriever.embedder, "load_embedder", lambda *a, **k: FakeEmbedder())
+    rows = [dict(r, answer=r["answer"] + f" Ask the municipality about case {i}.") for i, r in enumerate(FAQ_ROWS)]
+    if not (tmp_path / "index").exists():
+        make_index(tmp_path, rows)
+    gate_dir = tmp_path / "gate"
+    gate_dir.mkdir(exist_ok=True)
+    (gate_dir / "gate.json").write_text(json.dumps(agreement_gate().to_dict()), encoding="utf-8")
+    sha = gate_manifest_index_sha or file_sha256(tmp_path / "index" / "manifest.json")
+    (gate_dir / "manifest.json").write_text(json.dumps({"fitted": True, "index": {"manifest_sha256": sha}}))
+    paths = {"adapters_dir": str(adapters_dir), "index_dir": str(tmp_path / "index"), "gate_dir": str(gate_dir)}
+    cfg = Config.model_validate({"paths": paths})
+    tok = make_tiny_tokenizer()
+    serve = ServeConfig(db_path=str(tmp_path / "c.db"), judge_calibration_pairs=6)
+    return build_service(cfg, serve=serve, model_and_tokenizer=(make_tiny_model(tok), tok))
+
+
+def test_build_service_loads_the_gate_and_a_calibrated_judge_cached_beside_the_index(
+    tmp_path, adapters_dir, monkeypatch
+):
+    svc = _built(tmp_path, adapters_dir, monkeypatch, None)
+    try:
+        assert svc.gate is not None and svc.citation_policy == "handover"
+        assert svc.versions["answerability"].startswith("gate ")
+        first = svc.versions["citation_judge"]
+        assert svc.judge.threshold == first["threshold"] != 0.6  # calibrated, not the default
+    finally:
+        svc.close()
+    cache = json.loads((tmp_path / "index.judge.json").read_text(encoding="utf-8"))
+    assert cache["calibration"]["threshold"] == first["threshold"] and cache["key"]["n_pairs"] == 6
+    again = _built(tmp_path, adapters_dir, monkeypatch, None)
+    try:
+        assert again.judge.threshold == first["threshold"] and not first["cached"]
+        assert again.versions["citation_judge"]["cached"]  # same index: reused, not recalibrated
+    finally:
+        again.close()
+
+
+def test_a_gate_fitted_on_another_index_is_not_used(tmp_path, adapters_dir, monkeypatch):
+    svc = _built(tmp_path, adapters_dir, monkeypatch, "0" * 64)
+    try:
+        assert svc.gate is None and "stale gate" in svc.versions["answerability"]
+        assert svc.handoff_threshold == 0.3  # the fallback rule
+    finally:
+        svc.close()
