@@ -454,15 +454,15 @@ class AnswerService:
             meta = {"model": prepared.model, "citations": citations, "finish_reason": finish_reason}
             if unsupported or rejected:
                 meta.update(unsupported=unsupported, rejected_citations=rejected)
+            if handoff_reason is not None:  # the ticket first, so the stored reply names it (a reloaded chat shows it)
+                transcript = [*(history or []), {"role": "user", "content": prepared.question}]
+                transcript.append({"role": "assistant", "content": text})
+                ticket = self.store.create_handoff(conversation_id, handoff_reason, transcript)
+                handoff = meta["handoff"] = {"ticket_id": ticket, "reason": handoff_reason}
             self.store.add_messages(
                 conversation_id,
                 [{"role": "user", "content": prepared.question}, {"role": "assistant", "content": text, "meta": meta}],
             )
-            if handoff_reason is not None:
-                transcript = [*(history or []), {"role": "user", "content": prepared.question}]
-                transcript.append({"role": "assistant", "content": text})
-                ticket = self.store.create_handoff(conversation_id, handoff_reason, transcript)
-                handoff = {"ticket_id": ticket, "reason": handoff_reason}
         if handoff_reason is not None and handoff is None:
             handoff = {"ticket_id": None, "reason": handoff_reason}
         return Answer(

@@ -277,6 +277,7 @@ def test_stream_ends_with_the_checked_answer_and_a_handover_notice(trust_client,
     stored = trust_client.get(f"/v1/conversations/{ext['conversation_id']}").json()
     assert stored["messages"][-1]["content"] == trust_service.no_answer_reply
     assert stored["handoffs"][0]["id"] == ext["handoff"]["ticket_id"]
+    assert stored["messages"][-1]["meta"]["handoff"] == ext["handoff"]  # a reloaded chat can show the ticket
 
 
 # ------------------------------------------------------------------- a gold-removed question, openai client
