@@ -740,6 +740,10 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
             "kb_sets": [ts.name for ts in sets if ts.kind == "kb"],
             "out_of_kb_sets": [ts.name for ts in sets if ts.kind == "out_of_kb"],
             "unanswerable_sets": {kind: [ts.name for ts in sets if ts.kind == kind] for kind in REFUSAL_METRIC},
+            # the bot as served by default: retrieval + the deepest stage (serving's default), else retrieval alone
+            "served_arm": next(
+                (a for a in (f"rag+lora-{deepest}", "rag") if "metrics" in results_arms.get(a, {})), None
+            ),
         },
         "judge": {"threshold": judge.threshold, "ngram": judge.ngram, "overlap": judge.overlap},
         "citation_policy": getattr(service, "citation_policy", None),

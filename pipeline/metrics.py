@@ -26,18 +26,42 @@ Embed = Callable[[list[str]], np.ndarray]
 
 # What each metric means, shown verbatim in the report's methodology section.
 METRIC_DEFINITIONS: dict[str, str] = {
+    "trust_score": "Mean of grounded_refusal_f1, answer correctness (token_f1 of the answered answerable questions; 0 "
+    "when the arm answered none) and citation_f1, as in Trust-Score (Song et al., ICLR 2025); n/a when a part is.",
+    "grounded_refusal_f1": "Macro average of the F1 of the 'hand over' class (positives: the unanswerable "
+    "questions) and the F1 of the 'answer' class (positives: the answerable questions) over both kinds together "
+    "(Trust-Score's F1_GR); the CI resamples questions.",
     "token_f1": "SQuAD token F1 between answer and reference after normalisation (lowercase, no punctuation, "
-    "no articles).",
-    "rouge_l": "ROUGE-L F-measure (longest common subsequence of tokens), no stemming, Unicode-aware tokens.",
-    "semantic_similarity": "Cosine similarity of the answer and reference sentence embeddings (the index's embedder).",
-    "groundedness": "Share of answer sentences supported by the retrieved context (embedding similarity to a "
-    "context sentence at or above the calibrated threshold, or content-word trigram overlap >= 0.5).",
-    "citation_precision": "Share of the passages an answer cites with [n] markers that are gold passages of the "
-    "question (answers without citations, and questions without a defined gold passage, are left out).",
-    "has_citation": "Share of answers containing at least one [n] citation marker.",
-    "refusal_rate": "Share of out-of-knowledge-base questions the bot refuses (says it cannot answer or offers a "
-    "human). Higher is better.",
-    "false_refusal_rate": "Share of answerable questions the bot refuses. Lower is better.",
+    "no articles), on the answerable questions the arm answered (a hand-over is not scored here).",
+    "rouge_l": "ROUGE-L F-measure (longest common subsequence of tokens), no stemming, Unicode-aware tokens; on "
+    "answered questions.",
+    "semantic_similarity": "Cosine similarity of the answer and reference sentence embeddings (the index's embedder), "
+    "on answered questions.",
+    "groundedness": "Share of the shown answer's sentences that some retrieved passage supports (the judge).",
+    "citation_rate": "Share of answered answerable questions whose shown answer cites at least one prompt passage "
+    "with an [n] marker.",
+    "citation_precision": "Share of (sentence, cited passage) pairs of the shown answer where the judge says the "
+    "passage supports the sentence (a number that is not a prompt passage is unsupported); answers without "
+    "citations are left out.",
+    "citation_recall": "Share of the shown answer's content sentences supported by at least one passage they cite "
+    "(an uncited sentence is not supported).",
+    "citation_f1": "Harmonic mean of the arm's citation precision and recall (0 when it never cites); the CI "
+    "resamples questions.",
+    "model_citation_rate": "citation_rate of the model's raw answer, before serving verified its markers.",
+    "model_citation_precision": "citation_precision of the model's raw markers, before verification.",
+    "model_citation_recall": "citation_recall of the model's raw markers, before verification.",
+    "model_citation_f1": "citation_f1 of the model's raw markers, before verification.",
+    "citation_gold_precision": "Share of the passages the shown answer cites that are gold passages of the question "
+    "(questions without a defined gold passage are left out).",
+    "refusal_rate": "Share of the set's questions the bot hands over (says it cannot answer or offers a human).",
+    "refusal_gold_removed": "Share of gold-removed questions (asked with their gold passages removed from "
+    "retrieval) the bot hands over. Higher is better.",
+    "refusal_near_domain": "Share of near-domain questions (in-domain-sounding, no document answers them) the bot "
+    "hands over. Higher is better.",
+    "refusal_in_domain_unanswerable": "Share of gold-removed and near-domain questions together that the bot hands "
+    "over. Higher is better.",
+    "refusal_off_topic": "Share of off-topic (out-of-knowledge-base) questions the bot hands over. Higher is better.",
+    "false_refusal_rate": "Share of answerable questions the bot hands over. Lower is better.",
     "mrr": "Mean reciprocal rank of the first gold passage among the retrieved passages (0 when none was retrieved; "
     "questions without a defined gold passage are left out).",
 }

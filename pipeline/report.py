@@ -7,18 +7,20 @@ optional except `run` and `arms`; a stats dict is `{"mean", "low", "high", "n"}`
     {
       "run": {"name", "created", "git_commit", "model", "data_version", "config": {...resolved config...}},
       "bootstrap": {"n_resamples": 1000, "confidence": 0.95, "seed": 0},
-      "headline": {"kb_sets": [set], "out_of_kb_sets": [set]},          # what the headline row pools
-      "test_sets": {set_name: {"description": str, "kind": "kb"|"out_of_kb"|"general", "held_out_of": stage|None,
-                               "n": int}},
+      "headline": {"kb_sets": [set], "out_of_kb_sets": [set], "served_arm": arm,   # what the headline pools
+                   "unanswerable_sets": {kind: [set]}},
+      "test_sets": {set_name: {"description": str, "kind": "kb"|"gold_removed"|"near_domain"|"out_of_kb"|"general",
+                               "held_out_of": stage|None, "n": int}},
       "arms": {
         arm_name: {                                                     # base, rag, lora-<stage>, rag+lora-<stage>, oracle
           "description": str,
-          "metrics": {metric: stats},                                   # headline metrics (main held-out set)
+          "metrics": {metric: stats},                   # trust_score, grounded_refusal_f1, token_f1, citation_*, ...
           "by_test_set": {set_name: {metric: stats}},
-          "latency_s": {"mean", "low", "high", "n", "p50", "p95"},
+          "batch_s_per_answer": float, "generated": int, "batch_size": int,   # batched generation wall time / answers
           "tokens_per_s": float,
-          "answers": [{"id", "question", "reference", "answer", "prompt", "contexts": [str], "citations": [...],
-                       "test_set": str, "scores": {metric: float}}],
+          "answers": [{"id", "question", "reference", "answer" (as shown), "raw_answer", "handoff", "handoff_reason",
+                       "prompt", "contexts": [str], "citations": [...], "shown_citations": [...], "test_set": str,
+                       "scores": {metric: float}}],
         },
         skipped_arm: {"skipped": "reason"},                             # listed, never charted
       },
@@ -31,9 +33,15 @@ optional except `run` and `arms`; a stats dict is `{"mean", "low", "high", "n"}`
                         "token_f1": stats, "change": stats (paired, vs "change_vs" arm), "val_loss": float,
                         "val_loss_change_pct": float}}}},                # val_loss: from the stage manifests
       "retrieval": {setup_name: {"hit@1": stats, "hit@<k>": stats, "mrr": stats}},   # k = passages retrieved
-      "groundedness_calibration": {...pipeline.metrics.calibrate_groundedness_threshold(...), "method": str},
+      "groundedness_calibration": {...pipeline.metrics.calibrate_judge(...)},
+      "generation_speedup": {"questions", "one_at_a_time_s", "batched_s", "seconds_per_answer_alone", ...},
       "notes": [str],
     }
+
+The report reads top-down like a verdict: a few sentences generated from these numbers (what retrieval buys,
+what each stage buys, whether the bot hands over when it should, how often it cites, each with its CI), the
+headline chart and a compact table led by the trust score, then the wide tables, per-set detail and the other
+charts, the methodology, and example answers side by side at the end.
 
 Answers are untrusted model output, so the HTML escapes every value it shows. Charts use matplotlib's Agg
 canvas through the object API (no pyplot global state) and are embedded as base64 PNG: the HTML has no
@@ -58,9 +66,44 @@ from raglora.files import atomic_write_text
 
 # Headline metric groups, one chart each; metrics outside every group are charted together as "Other".
 METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "Trust": ("trust_score", "grounded_refusal_f1", "citation_f1", "model_citation_f1"),
     "Answer quality": ("token_f1", "rouge_l", "semantic_similarity"),
-    "Grounding and citations": ("groundedness", "citation_precision", "has_citation"),
-    "Refusals": ("refusal_rate", "false_refusal_rate"),
+    "Citations": (
+        "citation_rate",
+        "citation_precision",
+        "citation_recall",
+        "model_citation_rate",
+        "model_citation_precision",
+        "model_citation_recall",
+        "citation_gold_precision",
+    ),
+    "Grounding": ("groundedness",),
+    "Refusals": (
+        "refusal_gold_removed",
+        "refusal_near_domain",
+        "refusal_in_domain_unanswerable",
+        "refusal_off_topic",
+        "refusal_rate",
+        "false_refusal_rate",
+    ),
+}
+# The compact headline table: the trust score first, then its parts and the hand-over rates.
+HEADLINE: dict[str, str] = {
+    "trust_score": "trust score",
+    "grounded_refusal_f1": "grounded-refusal F1",
+    "token_f1": "token F1 (answered)",
+    "citation_f1": "citation F1",
+    "refusal_gold_removed": "hands over: gold removed",
+    "refusal_near_domain": "hands over: near domain",
+    "refusal_off_topic": "hands over: off topic",
+    "false_refusal_rate": "hands over: answerable (false)",
+}
+KIND_LABELS = {
+    "kb": "answerable",
+    "gold_removed": "gold removed",
+    "near_domain": "near domain",
+    "out_of_kb": "off topic",
+    "general": "general",
 }
 STAGE_KEYS = ("val_loss", "trainable_params", "trainable_ratio", "adapter_bytes", "train_seconds", "peak_memory_bytes")
 MAX_EXAMPLES = 5
@@ -201,10 +244,19 @@ def _by_test_set(results: dict) -> dict[str, dict[str, dict]]:
     return out
 
 
+HEADLINE_CHART = "Trust score and token F1 by arm (95% CI)"
+
+
 def make_charts(results: dict) -> dict[str, str]:
-    """{chart title: base64 PNG} for every chart the data supports."""
+    """{chart title: base64 PNG} for every chart the data supports; the headline chart first."""
     arms, charts = _live_arms(results), {}
     headline = {a: x.get("metrics", {}) for a, x in arms.items()}
+    lead = {
+        label: {a: m[k] for a, m in headline.items() if k in m}
+        for k, label in (("trust_score", "trust score"), ("token_f1", "token F1 (answered)"))
+    }
+    if lead := {label: series for label, series in lead.items() if series}:
+        charts[HEADLINE_CHART] = bars_with_ci(lead, HEADLINE_CHART, "score")
     grouped = {m for ms in METRIC_GROUPS.values() for m in ms}
     other = tuple(m for m in _metric_order(list(headline.values())) if m not in grouped)
     for group, metrics in {**METRIC_GROUPS, "Other metrics": other}.items():
@@ -221,8 +273,12 @@ def make_charts(results: dict) -> dict[str, str]:
     if forgetting := _forgetting_series(results):
         title = "Forgetting: token F1 on general sets after each stage (95% CI)"
         charts[title] = bars_with_ci(forgetting, title, "token F1")
-    if latency := {a: x["latency_s"] for a, x in arms.items() if x.get("latency_s")}:
-        charts["Latency by arm"] = bars_with_ci({"latency": latency}, "Mean latency per answer (95% CI)", "seconds")
+    per_answer = {
+        a: x["batch_s_per_answer"] for a, x in arms.items() if not math.isnan(_num(x.get("batch_s_per_answer")))
+    }
+    if per_answer:
+        title = "Batch wall time per generated answer (not one answer's latency)"
+        charts[title] = bars_with_ci({"seconds": per_answer}, title, "seconds")
     if retrieval := results.get("retrieval"):
         charts["Retrieval quality"] = bars_with_ci(retrieval, "Retrieval hit@k and MRR (95% CI)", "score")
     return charts
@@ -242,12 +298,15 @@ def _methodology(results: dict) -> list[tuple]:
     defined = [(m, metric_definition(m)) for m in used]
     blocks: list[tuple] = [("list", [f"**{m}**: {d}" for m, d in defined if d])]
     cal = results.get("groundedness_calibration") or {}
-    if cal:
+    judge = results.get("judge") or {}
+    if cal.get("n_supported"):
+        used = _num(judge.get("threshold", cal.get("threshold_used", cal.get("threshold"))))
         text = (
-            f"Groundedness method **{cal.get('method', 'either')}**: an answer sentence is supported when its "
-            f"embedding similarity to some context sentence is at least the threshold, or when at least "
-            f"{cal.get('overlap', 0.5)} of its content-word {cal.get('ngram', 3)}-grams occur in the context. "
-            f"The threshold **{_num(cal.get('threshold')):.3f}** was calibrated on {cal.get('n_supported')} supported "
+            "The **judge** (groundedness, citation precision and recall, and serving's citation check): a passage "
+            "supports an answer sentence when the sentence's best embedding similarity to one of the passage's "
+            f"sentences is at least the threshold **{used:.3f}**, or when at least "
+            f"{cal.get('overlap', 0.5)} of its content-word {cal.get('ngram', 3)}-grams occur in the passage. "
+            f"The threshold {_num(cal.get('threshold')):.3f} was calibrated on {cal.get('n_supported')} supported "
             f"pairs (a knowledge-base sentence vs the rest of its own passage) and {cal.get('n_unsupported')} "
             f"unsupported pairs (vs a random other passage) by maximising balanced accuracy: {_num(cal.get('balanced_accuracy')):.3f} "
             f"(TPR {_num(cal.get('true_positive_rate')):.3f}, TNR {_num(cal.get('true_negative_rate')):.3f}; mean "
@@ -257,7 +316,10 @@ def _methodology(results: dict) -> list[tuple]:
             f"{_num(cal.get('either_balanced_accuracy')):.3f}."
         )
     else:
-        text = "Groundedness threshold was not calibrated in this run; the configured default was used."
+        text = (
+            f"The judge's threshold ({_num(judge.get('threshold', 0.6)):.3f}) was not calibrated in this run; the "
+            "default was used."
+        )
     b = {"n_resamples": 1000, "confidence": 0.95, "seed": 0, **results.get("bootstrap", {})}
     ci = (
         f"Every `mean [low, high]` is a percentile bootstrap over questions ({b['n_resamples']} resamples, "
@@ -265,60 +327,221 @@ def _methodology(results: dict) -> list[tuple]:
         "citation precision of an answer without citations) are left out, and `(n=k)` marks a metric measured on "
         "fewer questions than the row's largest n. Paired differences resample the same questions for both arms."
     )
-    return [*blocks, ("p", text), ("p", ci)]
+    trust = (
+        "**Trust score** (Trust-Score, Song et al., ICLR 2025): the mean of grounded-refusal F1 over the answerable "
+        "and unanswerable questions an arm was asked, answer correctness (token F1 on the answerable questions it "
+        "answered) and citation F1. An answer is a hand-over when serving handed over before generating (the "
+        "answerability gate or the relevance threshold), when the citation policy handed over after verification, "
+        "or when the text reads as a refusal or contains the project's hand-over reply. Closed-book arms are not "
+        "asked gold-removed questions (there is no retrieval to remove the gold from), so their grounded-refusal F1 "
+        "pools fewer kinds; the oracle is asked answerable questions only, so it has no trust score. **Closed-book "
+        "arms cannot cite** (no passage in the prompt): their citation recall is 0 and their citation F1 is 0, the "
+        "honest Trust-Score reading, which caps their trust score at 2/3."
+    )
+    shown = (
+        "**Shown vs model citations.** Retrieval arms are scored on what serving shows: the answer after "
+        "`AnswerService.verify` rewrote its markers to the passages the judge says support each sentence (and "
+        "applied the citation policy). Because the same judge attributes those citations and then scores them, the "
+        "shown citation precision is high by construction: it measures what a customer sees, not the model. The "
+        "`model_citation_*` metrics score the model's own raw markers with the same judge, before verification: "
+        "that is the model's citing skill."
+    )
+    return [*blocks, ("p", text), ("p", trust), ("p", shown), ("p", ci)]
+
+
+def _served_arm(results: dict) -> str | None:
+    """The arm that stands for the bot as served: named by the harness, else the deepest rag+lora, else rag."""
+    arms = _live_arms(results)
+    named = (results.get("headline") or {}).get("served_arm")
+    if named in arms:
+        return named
+    stages = results.get("stage_order") or []
+    for candidate in [*(f"rag+lora-{s}" for s in reversed(stages)), "rag"]:
+        if candidate in arms:
+            return candidate
+    return next(iter(arms), None)
+
+
+def _signed(d: dict) -> str:
+    """'+0.050 [-0.020, +0.120]' of a paired difference, and what it says."""
+    diff, low, high = _num(d.get("diff")), _num(d.get("low")), _num(d.get("high"))
+    verdict = "a gain" if low > 0 else "a loss" if high < 0 else "no clear difference: the interval includes 0"
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] ({verdict})"
+
+
+def verdict(results: dict) -> list[str]:
+    """The report's opening sentences, generated from the numbers (each with its 95% CI); one per question the
+    report answers, saying 'not measured' rather than leaving a question out."""
+    arms = _live_arms(results)
+    out = []
+    comps = {(c["a"], c["b"]): c for c in results.get("comparisons") or [] if "diff" in c}
+    plain = comps.get(("rag", "base"))
+    tuned = [c for (a, b), c in comps.items() if a.startswith("rag+lora-") and b == a.removeprefix("rag+")]
+    if plain or tuned:
+        parts = []
+        if plain:
+            parts.append(f"for the base model {_signed(plain)} (rag vs base, n={plain.get('n')})")
+        for c in tuned:
+            parts.append(f"with the {c['a'].removeprefix('rag+lora-')} adapter {_signed(c)} ({c['a']} vs {c['b']})")
+        out.append(
+            "**What retrieval buys.** Token F1 on the answerable questions both arms answered changes "
+            + "; ".join(parts)
+            + "."
+        )
+    else:
+        out.append("**What retrieval buys.** Not measured: the arms with and without retrieval did not both run.")
+    by_stage: dict[str, list[str]] = {}
+    for g in results.get("stage_gains") or []:
+        if "diff" in g:
+            by_stage.setdefault(f"{g['stage']} over {g['parent']}", []).append(f"{g['setting']} {_signed(g)}")
+    if by_stage:
+        out.append(
+            "**What each stage buys** (token F1 on its own held-out questions, paired): "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in by_stage.items())
+            + "."
+        )
+    elif results.get("stage_gains") is not None:
+        out.append("**What each stage buys.** Not measured: no stage and its parent answered the stage's own set.")
+    served = _served_arm(results)
+    m = arms.get(served, {}).get("metrics", {}) if served else {}
+    rates = [
+        f"{fmt_stats(m[k])} of {label} questions"
+        for k, label in (
+            ("refusal_gold_removed", "gold-removed"),
+            ("refusal_near_domain", "near-domain"),
+            ("refusal_off_topic", "off-topic"),
+        )
+        if k in m
+    ]
+    if rates or "false_refusal_rate" in m:
+        text = f"**Does the bot hand over when it should?** {served} (the model as served) hands over on " + (
+            ", ".join(rates) or "no unanswerable set"
+        )
+        if "false_refusal_rate" in m:
+            text += f", and wrongly on {fmt_stats(m['false_refusal_rate'])} of answerable ones"
+        if "grounded_refusal_f1" in m:
+            text += f"; grounded-refusal F1 {fmt_stats(m['grounded_refusal_f1'])}"
+        out.append(text + ".")
+    if "citation_rate" in m:
+        text = (
+            f"**How often does it cite?** {served} cites a prompt passage in {fmt_stats(m['citation_rate'])} of its "
+            f"answers to answerable questions, as shown after verification: citation precision "
+            f"{fmt_stats(m.get('citation_precision'))}, recall {fmt_stats(m.get('citation_recall'))}, F1 "
+            f"{fmt_stats(m.get('citation_f1'))} (the judge that attributes the shown citations also scores them)"
+        )
+        if "model_citation_rate" in m:
+            text += (
+                f". The model's own markers: rate {fmt_stats(m['model_citation_rate'])}, precision "
+                f"{fmt_stats(m.get('model_citation_precision'))}, recall {fmt_stats(m.get('model_citation_recall'))}"
+            )
+        out.append(text + ".")
+    trust = {a: x["metrics"]["trust_score"] for a, x in arms.items() if "trust_score" in x.get("metrics", {})}
+    trust = {a: t for a, t in trust.items() if not math.isnan(_num(t.get("mean")))}
+    if trust:
+        best = max(trust, key=lambda a: _num(trust[a]["mean"]))
+        text = f"**Trust score** (mean of grounded-refusal F1, token F1 and citation F1): highest for {best}, "
+        text += fmt_stats(trust[best])
+        if served in trust and served != best:
+            text += f"; {served} {fmt_stats(trust[served])}"
+        out.append(text + ".")
+    return out
+
+
+def _headline_table(arms: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """arm | trust score | its parts | hand-over rates: the compact table the report leads with."""
+    present = [k for k in HEADLINE if any(k in x.get("metrics", {}) for x in arms.values())]
+    rows = [[a, *(fmt_stats(x.get("metrics", {}).get(k)) for k in present)] for a, x in arms.items()]
+    return ["arm", *(HEADLINE[k] for k in present)], rows
 
 
 def build_sections(results: dict) -> list[tuple[str, list[tuple]]]:
-    """Every report section except charts and examples, in reading order."""
+    """Every report section in reading order: the verdict, the headline chart and table, the detail, the method,
+    the examples. Blocks: ("p", text) | ("list", [text]) | ("table", header, rows) | ("code", text) |
+    ("chart", title) (HTML only) | ("examples",) (HTML only)."""
     run, arms = results.get("run", {}), _live_arms(results)
+    sections: list[tuple[str, list[tuple]]] = []
+    if said := verdict(results):
+        sections.append(("Verdict", [("p", line) for line in said]))
     header = [f"**{k}**: {run.get(k, 'unknown')}" for k in ("created", "model", "data_version", "git_commit")]
-    sections: list[tuple[str, list[tuple]]] = [("Run", [("list", header)])]
-    headline = _table_rows({a: x.get("metrics", {}) for a, x in arms.items()})
     described = [f"**{a}**: {x['description']}" for a, x in arms.items() if x.get("description")]
     pooled = results.get("headline") or {}
     scope = []
     if pooled:
-        kb, ookb = ", ".join(pooled.get("kb_sets") or []) or "none", ", ".join(pooled.get("out_of_kb_sets") or [])
+        kb = ", ".join(pooled.get("kb_sets") or []) or "none"
+        unanswerable = pooled.get("unanswerable_sets") or {"out_of_kb": pooled.get("out_of_kb_sets") or []}
+        hard = "; ".join(f"{KIND_LABELS.get(k, k)}: {', '.join(v)}" for k, v in unanswerable.items() if v)
         scope = [
-            ("p", f"Pooled over the knowledge-base sets ({kb})" + (f"; refusal_rate over {ookb}." if ookb else "."))
+            (
+                "p",
+                f"Answerable: the knowledge-base sets ({kb}); unanswerable (the right reply is a hand-over): "
+                f"{hard or 'none'}. The trust score and grounded-refusal F1 pool both; token F1 and citations are "
+                "measured on the answerable questions each arm answered.",
+            )
         ]
-    blocks = [*scope, ("table", *headline), *([("list", described)] if described else [])]
-    sections.append(("Headline (95% CI)", blocks))
+    if arms:
+        columns, rows = _headline_table(arms)
+        blocks = [*scope, ("chart", HEADLINE_CHART), *([("table", columns, rows)] if len(columns) > 1 else [])]
+        sections.append(("Headline (95% CI)", [*blocks, ("list", described)] if described else blocks))
+    sections.append(("Run", [("list", header)]))
     if skipped := _skipped_arms(results):
         sections.append(("Skipped arms", [("list", [f"**{a}**: {why}" for a, why in skipped.items()])]))
+    if arms:
+        wide = _table_rows({a: x.get("metrics", {}) for a, x in arms.items()})
+        sections.append(("All metrics by arm (95% CI)", [("table", *wide)]))
     for ts, tables in _by_test_set(results).items():
-        desc = results.get("test_sets", {}).get(ts, {}).get("description")
-        sections.append((f"Test set: {ts}", [*([("p", desc)] if desc else []), ("table", *_table_rows(tables))]))
+        info = results.get("test_sets", {}).get(ts, {})
+        desc = info.get("description")
+        kind = f" ({KIND_LABELS.get(info['kind'], info['kind'])})" if info.get("kind") else ""
+        sections.append((f"Test set: {ts}{kind}", [*([("p", desc)] if desc else []), ("table", *_table_rows(tables))]))
     if comps := results.get("comparisons"):
         rows = [[c["a"], c["b"], c["metric"], fmt_stats({**c, "mean": c.get("diff")})] for c in comps]
         sections.append(("Paired differences (a - b, 95% CI)", [("table", ["a", "b", "metric", "a - b"], rows)]))
-    if stages := results.get("stages"):
-        rows = [[s, *(_fmt_plain(i.get(k)) for k in STAGE_KEYS)] for s, i in stages.items()]
-        sections.append(("Training stages", [("table", ["stage", *STAGE_KEYS], rows)]))
     if gains := results.get("stage_gains"):
         sections.append(("What each stage buys (paired, 95% CI)", _gain_blocks(gains)))
     for name, f in (results.get("forgetting") or {}).items():
         sections.append((f"Forgetting on answers: {name}", _forgetting_blocks(name, f)))
+    if stages := results.get("stages"):
+        rows = [[s, *(_fmt_plain(i.get(k)) for k in STAGE_KEYS)] for s, i in stages.items()]
+        sections.append(("Training stages", [("table", ["stage", *STAGE_KEYS], rows)]))
     if retrieval := results.get("retrieval"):
         sections.append(("Retrieval", [("table", *_table_rows(retrieval, first="retriever"))]))
-    if perf := {a: x for a, x in arms.items() if x.get("latency_s") or x.get("tokens_per_s")}:
-        lat = {a: x.get("latency_s") or {} for a, x in perf.items()}
-        rows = [
-            [
-                a,
-                fmt_stats(lat[a]),
-                *(_fmt_plain(lat[a].get(k)) for k in ("p50", "p95")),
-                _fmt_plain(x.get("tokens_per_s")),
-            ]
-            for a, x in perf.items()
-        ]
-        sections.append(("Latency and throughput", [("table", ["arm", "latency s", "p50", "p95", "tokens/s"], rows)]))
+    if perf := {a: x for a, x in arms.items() if "batch_s_per_answer" in x or x.get("tokens_per_s")}:
+        sections.append(("Generation time", _time_blocks(results, perf)))
+    sections.append(("Charts", [("chart", None)]))
     if notes := results.get("notes"):
         sections.append(("Notes", [("list", [str(n) for n in notes])]))
     sections.append(("Methodology", _methodology(results)))
     config = json.dumps(_jsonable(run.get("config", {})), indent=2, sort_keys=True, ensure_ascii=False)
     sections.append(("Configuration", [("code", config)]))
+    if arms:
+        sections.append(("Example answers", [("examples",)]))
     return sections
+
+
+def _time_blocks(results: dict, perf: dict[str, dict]) -> list[tuple]:
+    rows = [
+        [
+            a,
+            _fmt_plain(x.get("batch_s_per_answer")),
+            _fmt_plain(x.get("generated")),
+            _fmt_plain(x.get("batch_size")),
+            _fmt_plain(x.get("tokens_per_s")),
+        ]
+        for a, x in perf.items()
+    ]
+    text = (
+        "Answers are generated in batches (up to the batch size, prompts sorted by length), so one answer's own "
+        "latency is not observable in this run: **batch wall time per answer** is the wall time of an arm's batched "
+        "generation divided by the answers it generated (hand-overs decided before generation are not counted)."
+    )
+    speed = results.get("generation_speedup") or {}
+    if not math.isnan(_num(speed.get("seconds_per_answer_alone"))):
+        text += (
+            f" Asked one at a time, the base model took **{_num(speed['seconds_per_answer_alone']):.3f} s per answer** "
+            f"({speed.get('questions')} questions; batched: x{speed.get('speedup')} faster in total)."
+        )
+    header = ["arm", "batch wall time per answer (s)", "answers generated", "batch size", "tokens/s (batched)"]
+    return [("p", text), ("table", header, rows)]
 
 
 def _gain_blocks(gains: list[dict]) -> list[tuple]:
@@ -406,6 +629,9 @@ def render_markdown(results: dict) -> str:
     """The report as markdown (charts and example answers are in the HTML only)."""
     out = [f"# Evaluation report: {results.get('run', {}).get('name', 'run')}"]
     for title, blocks in build_sections(results):
+        blocks = [b for b in blocks if b[0] not in ("chart", "examples")]
+        if not blocks:
+            continue
         out += ["", f"## {title}"]
         for kind, *body in blocks:
             out.append("")
@@ -436,19 +662,58 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def example_questions(results: dict, max_examples: int) -> list[tuple[str, str]]:
+    """(test set, id) of the questions shown side by side: the first few of every set, so that hand-overs
+    (unanswerable sets) are shown beside answers; about `max_examples` answerable ones in all."""
+    first: dict[str, list[dict]] = {}
+    for x in _live_arms(results).values():
+        for r in x.get("answers", []):
+            rows = first.setdefault(r.get("test_set"), [])
+            if all(q.get("id") != r.get("id") for q in rows):
+                rows.append(r)
+    kinds = {ts: (results.get("test_sets", {}).get(ts) or {}).get("kind") for ts in first}
+    n_kb = max(1, sum(k in ("kb", None) for k in kinds.values()))
+    out = []
+    for ts, rows in first.items():
+        take = max(1, -(-max_examples // n_kb)) if kinds[ts] in ("kb", None) else 1
+        out += [(ts, r.get("id")) for r in rows[:take]]
+    return out
+
+
+def _answer_cell(ans: dict | None) -> str:
+    if ans is None:
+        return '<td class="na">not asked</td>'
+    text = html.escape(str(ans.get("answer", "")))
+    if ans.get("handoff") or ans.get("refused"):
+        reason = ans.get("handoff_reason") or "the answer reads as a hand-over"
+        badge = f'<span class="handover">HAND-OVER</span> <small>{html.escape(str(reason))}</small><br>'
+        return f'<td class="handed">{badge}{text}</td>'
+    cites = ans.get("shown_citations") or []
+    listed = "".join(
+        f"<li>[{html.escape(str(c.get('n')))}] {html.escape(str(c.get('title') or c.get('source') or ''))}</li>"
+        for c in cites
+    )
+    return f"<td>{text}{f'<ul class=cites>{listed}</ul>' if listed else ''}</td>"
+
+
 def _examples_html(results: dict, max_examples: int) -> str:
-    """The first N questions with the reference and every arm's answer side by side, all escaped."""
-    arms = {a: {r.get("id"): r for r in x.get("answers", [])} for a, x in _live_arms(results).items()}
-    first = next((x.get("answers", []) for x in _live_arms(results).values() if x.get("answers")), [])
+    """Questions of every set with the reference and every arm's shown answer side by side (hand-overs marked,
+    shown citations by title), all escaped."""
+    arms = {
+        a: {(r.get("test_set"), r.get("id")): r for r in x.get("answers", [])} for a, x in _live_arms(results).items()
+    }
+    everything = {k: r for by_key in arms.values() for k, r in by_key.items()}
     rows = []
-    for q in first[:max_examples]:
+    for key in example_questions(results, max_examples):
+        q = everything[key]
+        kind = (results.get("test_sets", {}).get(key[0]) or {}).get("kind")
+        ref = q.get("reference")
         cells = [
-            f"<td><b>{html.escape(str(q.get('question', '')))}</b><br><i>Reference:</i> "
-            f"{html.escape(str(q.get('reference', '')))}</td>"
+            f"<td><small>{html.escape(str(key[0]))} ({html.escape(KIND_LABELS.get(kind, kind or '?'))})</small><br>"
+            f"<b>{html.escape(str(q.get('question', '')))}</b><br><i>Reference:</i> "
+            f"{html.escape(str(ref)) if ref else '<i>none: the right reply is a hand-over</i>'}</td>"
         ]
-        for by_id in arms.values():
-            ans = by_id.get(q.get("id"), {})
-            cells.append(f"<td>{html.escape(str(ans.get('answer', '')))}</td>")
+        cells += [_answer_cell(by_key.get(key)) for by_key in arms.values()]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "<th>question</th>" + "".join(f"<th>{html.escape(a)}</th>" for a in arms)
     return f'<div class="wide"><table class="examples"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
@@ -456,8 +721,11 @@ def _examples_html(results: dict, max_examples: int) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .5em;
-vertical-align:top;text-align:left}th{background:#f3f3f3}.wide{overflow-x:auto}.examples td{min-width:14em;
-white-space:pre-wrap}pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%;display:block;margin:1em 0}"""
+vertical-align:top;text-align:left}th{background:#f3f3f3}.wide{overflow-x:auto}td{white-space:nowrap}
+.examples td{min-width:14em;white-space:pre-wrap}td.handed{background:#fff6e0}td.na{color:#999}
+.handover{background:#b35c00;color:#fff;border-radius:3px;padding:0 .3em;font-size:.8em;font-weight:bold}
+ul.cites{margin:.3em 0 0 1em;padding:0;font-size:.85em;color:#555}.verdict p{font-size:1.05em;line-height:1.45}
+pre{background:#f6f6f6;padding:1em;overflow-x:auto}img{max-width:100%;display:block;margin:1em 0}"""
 
 
 def render_html(results: dict, charts: dict[str, str], *, max_examples: int = MAX_EXAMPLES) -> str:
@@ -467,21 +735,31 @@ def render_html(results: dict, charts: dict[str, str], *, max_examples: int = MA
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>',
         f"<style>{_CSS}</style></head><body><h1>{title}</h1>",
     ]
+
+    def img(t: str) -> str:
+        return f'<img alt="{html.escape(t)}" src="data:image/png;base64,{charts[t]}">'
+
+    placed = {b[1] for _, blocks in build_sections(results) for b in blocks if b[0] == "chart" and b[1]}
     for heading, blocks in build_sections(results):
-        if heading == "Methodology":  # results first, then how they were measured
-            parts.append("<h2>Charts</h2>")
-            parts += [f'<img alt="{html.escape(t)}" src="data:image/png;base64,{png}">' for t, png in charts.items()]
-            parts += ["<h2>Example answers</h2>", _examples_html(results, max_examples)]
-        parts.append(f"<h2>{_h(heading)}</h2>")
+        rendered = []
         for kind, *body in blocks:
             if kind == "p":
-                parts.append(f"<p>{_h(body[0])}</p>")
+                rendered.append(f"<p>{_h(body[0])}</p>")
             elif kind == "list":
-                parts.append("<ul>" + "".join(f"<li>{_h(item)}</li>" for item in body[0]) + "</ul>")
+                rendered.append("<ul>" + "".join(f"<li>{_h(item)}</li>" for item in body[0]) + "</ul>")
             elif kind == "code":
-                parts.append(f"<pre>{html.escape(body[0])}</pre>")
+                rendered.append(f"<pre>{html.escape(body[0])}</pre>")
+            elif kind == "chart":  # one named chart, or (None) every chart not placed elsewhere
+                rendered += [
+                    img(t) for t in ([body[0]] if body[0] else [t for t in charts if t not in placed]) if t in charts
+                ]
+            elif kind == "examples":
+                rendered.append(_examples_html(results, max_examples))
             else:
-                parts.append(f'<div class="wide">{_html_table(*body)}</div>')
+                rendered.append(f'<div class="wide">{_html_table(*body)}</div>')
+        if rendered:
+            css = ' class="verdict"' if heading == "Verdict" else ""
+            parts.append(f"<section{css}><h2>{_h(heading)}</h2>{''.join(rendered)}</section>")
     return "".join(parts) + "</body></html>\n"
 
 

@@ -178,7 +178,8 @@ def test_any_stage_names_get_arms_gains_forgetting_and_honest_retrieval_metrics(
     assert f["after"]["base"]["val_loss"] == 2.5
 
     md = (out / "report.md").read_text()
-    assert "Pooled over the knowledge-base sets (heat-pumps); refusal_rate over out_of_kb, unanswered." in md
+    assert "Answerable: the knowledge-base sets (heat-pumps); unanswerable (the right reply is a hand-over): " in md
+    assert "off topic: out_of_kb, unanswered." in md
     assert "## What each stage buys" in md and "## Forgetting on answers: basics" in md and "+5.0%" in md
     assert "**hit@3**: Share of questions with a gold passage among the top 3 retrieved passages" in md
     html = (out / "report.html").read_text()

@@ -36,6 +36,10 @@ def make_results():
     arms = {
         name: {
             "metrics": {
+                "trust_score": stats(0.2 + 0.1 * i),
+                "grounded_refusal_f1": stats(0.5),
+                "refusal_off_topic": stats(0.2 * i),
+                "false_refusal_rate": stats(0.1),
                 "token_f1": stats(0.3 + 0.1 * i),
                 "rouge_l": stats(0.2 + 0.1 * i),
                 "groundedness": stats(0.5, n=2),
@@ -43,7 +47,9 @@ def make_results():
                 "custom_metric": stats(0.4),
             },
             "by_test_set": {"out_of_kb": {"refusal_rate": stats(0.2 * i)}},
-            "latency_s": {**stats(1.0 + i), "p50": 1.0, "p95": 2.0},
+            "batch_s_per_answer": 0.5 + i,
+            "generated": 3,
+            "batch_size": 16,
             "tokens_per_s": 12.5,
             "answers": answers(name),
         }
@@ -59,6 +65,7 @@ def make_results():
             "data_version": "1",
             "config": {"retrieval": {"k": 5}},
         },
+        "stage_order": ["general", "domain"],
         "test_sets": {"out_of_kb": {"description": "Questions the FAQ cannot answer.", "n": 3}},
         "arms": arms,
         "comparisons": [{"a": "rag", "b": "base", "metric": "token_f1", "diff": 0.1, "low": 0.02, "high": 0.2}],
@@ -160,14 +167,18 @@ def test_html_names_every_arm_and_embeds_one_image_per_chart(results, written):
         assert arm in page
     charts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', page)
     prefixes = [
+        "Trust score and token F1",
+        "Trust by arm",
         "Answer quality",
+        "Citations",
         "Grounding",
+        "Refusals",
         "Other",
         "Test set out_of_kb",
         "Training loss",
         "What each stage buys",
         "Forgetting",
-        "Latency",
+        "Batch wall time per generated answer",
     ]
     assert len(charts) == len(prefixes) + 1
     assert all(c.startswith(p) for c, p in zip(charts, [*prefixes, "Retrieval"], strict=True))
@@ -208,7 +219,7 @@ def test_skipped_arms_are_listed_with_reason_and_not_charted(results, written):
 
 def test_markdown_has_headline_ci_cells_test_sets_methodology_and_run_identity(results):
     md = render_markdown(results)
-    assert "| rag | 3 | 0.400 [0.300, 0.500] |" in md  # first metric column is token_f1
+    assert "| rag | 3 | 0.300 [0.200, 0.400] |" in md  # first metric column of the wide table is trust_score
     assert "0.500 [0.400, 0.600] (n=2)" in md  # groundedness measured on fewer questions than the arm answered
     assert "## Test set: out_of_kb" in md and "Questions the FAQ cannot answer." in md
     assert "## Methodology" in md and "balanced accuracy" in md and "bootstrap" in md
@@ -276,3 +287,62 @@ def test_hit_at_k_is_defined_for_the_k_retrieved(results):
     md = render_markdown(results)
     assert "**hit@3**: Share of questions with a gold passage among the top 3 retrieved passages" in md
     assert "hit@5" not in md
+
+
+def test_report_reads_like_a_verdict_then_headline_then_detail_with_examples_last(written):
+    page = written["html"].read_text()
+    headings = re.findall(r"<h2>(.*?)</h2>", page)
+    assert headings[:2] == ["Verdict", "Headline (95% CI)"]
+    assert headings[-1] == "Example answers"
+    assert headings.index("All metrics by arm (95% CI)") < headings.index("Charts") < headings.index("Methodology")
+    # the headline chart sits in the headline section, before its table; the table leads with the trust score
+    headline = page.split("<h2>Headline (95% CI)</h2>")[1].split("</section>")[0]
+    assert headline.index('alt="Trust score and token F1 by arm (95% CI)"') < headline.index("<table>")
+    assert re.search(r"<thead><tr><th>arm</th><th>trust score</th><th>grounded-refusal F1</th>", headline)
+
+
+def test_verdict_sentences_come_from_the_numbers_with_their_intervals(results):
+    results["comparisons"].append(
+        {"a": "rag+lora-domain", "b": "lora-domain", "metric": "token_f1", "diff": -0.05, "low": -0.1, "high": 0.02}
+    )
+    md = render_markdown(results)
+    said = md.split("## Verdict")[1].split("\n## ")[0]
+    assert "rag vs base" in said and "+0.100 [+0.020, +0.200] (a gain)" in said
+    assert "with the domain adapter -0.050 [-0.100, +0.020] (no clear difference: the interval includes 0)" in said
+    assert "domain over general: closed book +0.100 [+0.010, +0.200] (a gain)" in said
+    # the served arm (deepest rag+lora) and its hand-over rates, each with its CI
+    assert "rag+lora-domain (the model as served) hands over on 0.400 [0.300, 0.500] of off-topic questions" in said
+    assert "wrongly on 0.100 [0.000, 0.200] of answerable ones" in said
+    assert "highest for rag+lora-domain, 0.400 [0.300, 0.500]" in said
+    results["arms"]["rag+lora-domain"]["metrics"]["trust_score"] = stats(0.9)
+    assert "highest for rag+lora-domain, 0.900 [0.800, 1.000]" in render_markdown(results)
+
+
+def test_examples_show_hand_overs_and_unasked_sets_side_by_side(results, tmp_path):
+    results["test_sets"]["near"] = {"kind": "near_domain", "n": 1, "description": "d"}
+    results["arms"]["rag"]["answers"].append(
+        {
+            "id": "n1",
+            "question": "When is my invoice due?",
+            "reference": None,
+            "answer": "I'm handing you over to a colleague.",
+            "handoff": True,
+            "handoff_reason": "the answerability gate found no answer",
+            "test_set": "near",
+            "scores": {"refusal_rate": 1.0},
+        }
+    )
+    page = write_report(results, tmp_path)["html"].read_text()
+    examples = page.split("<h2>Example answers</h2>")[1]
+    row = examples.split("When is my invoice due?")[1].split("</tr>")[0]
+    assert "HAND-OVER" in row and "the answerability gate found no answer" in row
+    assert row.count("not asked") == 2  # base and rag+lora-domain were not asked this set
+    assert "none: the right reply is a hand-over" in row
+
+
+def test_time_per_answer_says_it_is_batch_wall_time_not_latency(results):
+    results["generation_speedup"] = {"questions": 8, "speedup": 3.1, "seconds_per_answer_alone": 0.42}
+    section = render_markdown(results).split("## Generation time")[1].split("\n## ")[0]
+    assert "batch wall time per answer (s)" in section and "not observable" in section
+    assert "the base model took **0.420 s per answer**" in section
+    assert "latency s" not in render_markdown(results)
