@@ -11,9 +11,9 @@ time (`finetune.prompt.build_messages` with the RAG system prompt).
   no sentence, the marker goes at the end of the answer. A gold passage that is the row's own answer (no chunk
   found) supports every sentence.
 * Distractor-only rows (a seeded `p_no_gold` share): retrieval's top `n_distractors + 1` hits with the row's
-  gold chunks removed (so as many passages as a gold row, and just as relevant-looking: this *is* the
-  "gold removed" case of evaluation, asked of a training question), skipping a hit that the judge says
-  supports the answer anyway (a near-duplicate entry would make a hand-over target wrong). The target is the
+  gold chunks removed, by source/id and by content as evaluation's gold_removed set and the answerability gate
+  remove them. So they show as many passages as a gold row, just as relevant-looking: this *is* evaluation's
+  "gold removed" case asked of a training question (no separate kind of row is needed). The target is the
   project's no-answer reply (`no_gold_target="refusal"`, the default: the bot hands over when the documents do
   not answer), or, as in the RAFT paper, the reference answer (`"answer"`: the model learns to answer from
   memory when retrieval misses); a stage per variant shows the trade-off in the report.
@@ -134,7 +134,7 @@ def build_raft_examples(
         excluded_gold_chunks=len(excluded),
         withheld_chunks=len(withheld),
         skipped_held_out_distractors=0,
-        skipped_answering_distractors=0,
+        removed_content_gold=0,
         dropped_distractors_for_length=0,
     )
     stats.update(
@@ -147,6 +147,7 @@ def build_raft_examples(
         cited_sentences=0,
         answer_sentences=0,
         cited_at_end_unsupported=0,
+        gold_numbers={},  # how often the gold passage is [1], [2], ... in the prompt as shown
         citation_like_rewritten=0,
         judge=describe_judge(judge),
     )
@@ -156,8 +157,12 @@ def build_raft_examples(
         answer = defuse_citations(ex["answer"])
         stats["citation_like_rewritten"] += int(answer != ex["answer"])
         gold_ids, how = find_gold(finder, ex)
-        own = set(gold_ids)
         with_gold = i not in no_gold
+        own = set(gold_ids)
+        if not with_gold:  # gold removed as evaluation's gold_removed set and the gate remove it: source and content
+            content = finder.by_content(gold_row(ex)["answer"]) if how == "source" else []
+            stats["removed_content_gold"] += len(set(content) - own)
+            own.update(content)
         hits = _search(index, ex["question"], n_distractors + int(not with_gold), search_mode, len(chunks))
         candidates = []  # retrieval's ranking without the row's own gold chunks and the held-out gold
         for h in hits:
@@ -193,16 +198,7 @@ def build_raft_examples(
             contexts = [*distractors, gold]
         else:
             # the realistic "gold removed" case: the best-ranked other passages, as many as a gold row shows
-            pool = [_ctx(c, context_chars) for c in candidates[: 2 * (n_distractors + 1)]]
-            answering = _answering(judge, [answer[a:b].strip() for a, b in sentences], pool)
-            distractors = []
-            for c, answers in zip(pool, answering, strict=True):
-                if len(distractors) == n_distractors + 1:
-                    break
-                if answers:
-                    stats["skipped_answering_distractors"] += 1
-                else:
-                    distractors.append(c)
+            distractors = [_ctx(c, context_chars) for c in candidates[: n_distractors + 1]]
             gold, supported = None, []
             contexts = list(distractors)
         rng.shuffle(contexts)
@@ -224,6 +220,7 @@ def build_raft_examples(
             n = next(k for k, c in enumerate(contexts, 1) if c is gold)
             marked = sum(supported) or int(bool(sentences))  # unsupported everywhere: one marker at the end
             info.update(target="cited_answer", gold_number=n, cited_sentences=marked)
+            stats["gold_numbers"][str(n)] = stats["gold_numbers"].get(str(n), 0) + 1
             stats["cited_targets"] += int(bool(marked))
             stats["citation_markers"] += marked
             stats["cited_sentences"] += sum(supported)
@@ -242,14 +239,6 @@ def build_raft_examples(
     if stats["cited_targets"]:
         stats["markers_per_cited_target"] = round(stats["citation_markers"] / stats["cited_targets"], 3)
     return out, stats
-
-
-def _answering(judge, sentences: list[str], passages: list[dict]) -> list[bool]:
-    """For each passage: does it support at least half of the answer's sentences (so it answers the question)?"""
-    if not sentences or not passages:
-        return [False] * len(passages)
-    support = judge.support(sentences, [p["text"] for p in passages])  # (S, P) bool
-    return [bool(support[:, j].mean() >= 0.5) for j in range(len(passages))]
 
 
 # ---------------------------------------------------------------------------------------------- citations
