@@ -624,7 +624,8 @@ def trust_components(
 ) -> dict[str, float]:
     """Trust-Score's parts over items (one entry each; nan where a value does not apply):
     grounded_refusal_f1; answer_correctness, the mean `correctness` (token F1) of the answerable items answered
-    (0 when none was answered); citation_f1 from the mean citation precision and recall of those answers;
+    (0 when none was answered); citation_f1 from the mean citation precision and recall of those answers (an
+    answer without a checkable sentence counts as recall 0);
     trust_score, their mean (nan when a part is)."""
     a, r = np.asarray(answerable, dtype=bool), np.asarray(refused, dtype=bool)
     answered = a & ~r
@@ -634,7 +635,9 @@ def trust_components(
     elif not answered.any():  # refusing every answerable question earns no correctness and no citations
         correct, cp, cr = 0.0, math.nan, 0.0
     else:
-        correct, cp, cr = _mean_or_nan(c[answered]), _mean_or_nan(p[answered]), _mean_or_nan(rec[answered])
+        # an answer with no checkable sentence (recall n/a, e.g. an empty one) supported nothing by citing: 0
+        correct, cp = _mean_or_nan(c[answered]), _mean_or_nan(p[answered])
+        cr = float(np.nan_to_num(rec[answered], nan=0.0).mean())
     parts = {
         "grounded_refusal_f1": grounded_refusal_f1(a, r),
         "answer_correctness": correct,

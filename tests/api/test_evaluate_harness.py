@@ -8,7 +8,7 @@ import pytest
 import yaml
 from helpers import FAQ_ROWS, make_service, make_stage_adapters
 
-from pipeline.config import EvalSet, load_config
+from pipeline.config import EvalSet, load_config, resolve_eval_sets
 from pipeline.evaluate import (
     load_test_set,
     load_test_sets,
@@ -284,3 +284,95 @@ def test_an_eval_file_may_name_its_columns_like_a_ticket_export(tmp_path):
     ts = load_test_set(EvalSet(name="mine", path=str(path), kind="kb", limit=10))
     assert ts.kind == "kb" and ts.rows[0]["id"] == "T-1" and ts.rows[0]["question"] == "Boiler at 0.6 bar?"
     assert ts.rows[0]["reference"] == "Top it up to 1.2 bar." and ts.rows[0]["source"] == "boilers.html"
+
+
+def test_gold_removed_rows_never_see_any_gold_chunk_in_the_prompt(tmp_path, settings, custom_adapters, monkeypatch):
+    from helpers import make_index
+
+    # a near-duplicate of bygglov-001's answer under another id: gold by content, so it is removed too
+    twin = {**FAQ_ROWS[0], "id": "bygglov-twin", "question": "Extension permit?"}
+    index = make_index(tmp_path / "kb", rows=[*FAQ_ROWS, twin])
+    monkeypatch.setattr("retriever.embedder.load_embedder", lambda *a, **k: index.embedder)
+    near = tmp_path / "near.jsonl"
+    near.write_text('{"id": "n-1", "question": "When is the invoice for my kitchen job due?"}\n')
+    sets = {
+        "heat-pumps": "held_out:heat-pumps",
+        "gr": "gold_removed:heat-pumps",
+        "near": {"from": str(near), "kind": "near_domain"},
+    }
+    cfg = write_config(tmp_path, custom_adapters, sets=sets, arms=["base", "rag", "oracle"])
+    service = make_service(settings, custom_adapters, index)
+    try:
+        out = run_evaluation(cfg, out_dir=tmp_path / "report", service=service)
+    finally:
+        service.close()
+    results = json.loads((out / "results.json").read_text())
+    chunks = {c.chunk_id: c for c in index.chunks}
+    rag = {(a["test_set"], a["id"]): a for a in results["arms"]["rag"]["answers"]}
+    removed = [a for (ts, _), a in rag.items() if ts == "gr"]
+    assert {a["id"] for a in removed} == {"bygglov-001", "bygglov-002", "altan-001"}  # hp-nogold has no gold
+    assert any("gr: 1 of 4 row(s) dropped: no gold passage to remove" in n for n in results["notes"])
+    twin_chunk = next(c for c, ch in chunks.items() if ch.source == "bygglov-twin")
+    assert twin_chunk in rag[("gr", "bygglov-001")]["gold"] and len(rag[("gr", "bygglov-001")]["gold"]) == 2
+    for a in removed:
+        assert a["gold"] and a["gold_removed"]
+        assert not set(a["gold"]) & {c["chunk_id"] for c in a["citations"]}
+        assert all(chunks[g].text not in a["prompt"] for g in a["gold"])
+    # the same questions asked normally do retrieve their gold: the removal is what keeps it out
+    assert any(
+        set(a["gold"]) & {c["chunk_id"] for c in a["citations"]} for (ts, _), a in rag.items() if ts == "heat-pumps"
+    )
+    # closed-book arms are not asked gold_removed, the oracle only kb; every arm with retrieval is
+    assert {a["test_set"] for a in results["arms"]["base"]["answers"]} == {"heat-pumps", "near"}
+    assert {a["test_set"] for a in results["arms"]["oracle"]["answers"]} == {"heat-pumps"}
+    assert (
+        results["test_sets"]["gr"]["kind"] == "gold_removed" and results["test_sets"]["near"]["kind"] == "near_domain"
+    )
+    m = results["arms"]["rag"]["metrics"]
+    assert {"trust_score", "grounded_refusal_f1", "refusal_gold_removed", "refusal_near_domain"} <= set(m)
+    assert "refusal_gold_removed" not in results["arms"]["base"]["metrics"]
+    assert results["arms"]["base"]["metrics"]["citation_f1"]["mean"] == 0.0  # closed book cannot cite
+    assert "gr" not in {g["test_set"] for g in results["stage_gains"] if g.get("test_set")}
+
+
+def test_default_sets_add_gold_removed_for_stages_that_are_not_general_conversation(tmp_path):
+    cfg = write_config(tmp_path, tmp_path / "no-adapters", sets={})
+    specs = {s.name: s for s in resolve_eval_sets(cfg)}
+    assert specs["gold_removed_heat-pumps"].kind == "gold_removed"
+    assert specs["gold_removed_heat-pumps"].stage == "heat-pumps"
+    assert "gold_removed_basics" not in specs  # basics trains on packaged general conversation only
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error"),
+    [
+        (
+            "near.jsonl",
+            '{"id": "n1", "question": "Invoice?"}\n\n{"id": "n2", "question": "  "}\n',
+            r"near.jsonl line 3: a near-domain row needs a non-empty text \"question\"",
+        ),
+        (
+            "near.jsonl",
+            '{"id": "n1", "question": "Invoice?"}\n{"id": "n2", "question": "Hours?", "answer": "9-17"}\n',
+            r"near.jsonl line 2: has an answer, but near-domain questions are ones no document answers",
+        ),
+        (
+            "near.jsonl",
+            '{"id": "n1", "question": "Invoice?"}\n{"id": "n1", "question": "Hours?"}\n',
+            r"near.jsonl line 2: id 'n1' repeats line 1",
+        ),
+        ("near.csv", "id,question\nn1,Invoice?\nn2,\n", r"near.csv row 2: a near-domain row needs"),
+    ],
+)
+def test_a_bad_near_domain_row_is_one_error_naming_the_row(tmp_path, name, text, error):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(RagloraError, match=error):
+        load_test_set(EvalSet(name="near", path=str(path), kind="near_domain", limit=10))
+
+
+def test_near_domain_rows_are_questions_scored_as_hand_overs(tmp_path):
+    path = tmp_path / "near.jsonl"
+    path.write_text('{"id": "n1", "question": "Invoice?", "need": "billing", "check": {"top": []}}\n')
+    ts = load_test_set(EvalSet(name="near", path=str(path), kind="near_domain", limit=10))
+    assert ts.kind == "near_domain" and ts.rows[0]["reference"] is None

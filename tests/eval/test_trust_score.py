@@ -54,6 +54,8 @@ def test_refusing_every_answerable_question_earns_no_correctness_and_no_citation
     parts = trust_components([True, False], [True, True], [NAN, NAN], [NAN, NAN], [NAN, NAN])
     assert parts["answer_correctness"] == 0.0 and parts["citation_f1"] == 0.0
     assert parts["grounded_refusal_f1"] == pytest.approx((2 / 3 + 0) / 2)  # refuse: P 1/2, R 1
+    # an answer with nothing checkable (recall n/a, e.g. empty) supported nothing by citing: recall 0
+    assert trust_components([True, False], [False, True], [0.0, NAN], [NAN, NAN], [NAN, NAN])["citation_f1"] == 0.0
     only_answerable = trust_components([True], [False], [1.0], [1.0], [1.0])
     assert math.isnan(only_answerable["trust_score"])  # no unanswerable item: grounded refusals unmeasured
 
