@@ -359,7 +359,7 @@ def answer_all(
         else:
             raw = results[i].text.strip()
             record.update(answer=raw, raw_answer=raw, shown_citations=[])
-            if rag and hasattr(service, "verify"):
+            if rag:
                 v = service.verify(p, raw)
                 record.update(
                     answer=v.text,
@@ -372,7 +372,7 @@ def answer_all(
                         answer=service.no_answer_reply,
                         shown_citations=[],
                         handoff=True,
-                        handoff_reason=f"citation policy {getattr(service, 'citation_policy', '?')!r}: "
+                        handoff_reason=f"citation policy {service.citation_policy!r}: "
                         f"{len(v.unsupported)} unsupported sentence(s)",
                     )
         records.append(record)
@@ -633,7 +633,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
         [c.text for c in service.index.chunks] if has_index else [], embed, ec.calibration_pairs
     )
     # One judge verifies what serving shows and scores it: serving's own when it has one (same embedder).
-    served = getattr(service, "judge", None)
+    served = service.judge
     if served is not None and served.embed is not None:
         judge = dataclasses.replace(served, embed=cached_embed(served.embed))
         if not math.isclose(judge.threshold, calibration["threshold"], abs_tol=1e-9):
@@ -746,7 +746,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
             ),
         },
         "judge": {"threshold": judge.threshold, "ngram": judge.ngram, "overlap": judge.overlap},
-        "citation_policy": getattr(service, "citation_policy", None),
+        "citation_policy": service.citation_policy,
         "stage_order": stages,
         "arms": results_arms,
         "comparisons": comparisons,
