@@ -365,8 +365,8 @@ def _served_arm(results: dict) -> str | None:
 def _signed(d: dict) -> str:
     """'+0.050 [-0.020, +0.120]' of a paired difference, and what it says."""
     diff, low, high = _num(d.get("diff")), _num(d.get("low")), _num(d.get("high"))
-    verdict = "a gain" if low > 0 else "a loss" if high < 0 else "no clear difference: the interval includes 0"
-    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}] ({verdict})"
+    verdict = "a gain" if low > 0 else "a loss" if high < 0 else "no clear difference (the interval includes 0)"
+    return f"{diff:+.3f} [{low:+.3f}, {high:+.3f}], {verdict}"
 
 
 def verdict(results: dict) -> list[str]:
