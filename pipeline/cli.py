@@ -225,7 +225,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    stages = stages or [s.name for s in cfg.finetune.stages]
+    if not stages:  # the model serving defaults to (a config may hold sibling stages: not one chain)
+        from pipeline.generate import deepest_stage, discover_stages
+
+        default = cfg.serve.default_stage or deepest_stage(discover_stages(cfg.paths.adapters_dir))
+        stages = [default or cfg.finetune.stages[-1].name] if cfg.finetune.stages else []
     out = merge_stages(
         cfg.model.base,
         adapters_dir=cfg.paths.adapters_dir,
@@ -329,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=_positive, help="cap every stage's optimizer steps (smoke runs)")
 
     p = add("merge", cmd_merge, "Merge base + stage adapters into a full model loadable by AutoModelForCausalLM.")
-    p.add_argument("--stages", help="comma-separated stages to merge, in order (default: every configured stage)")
+    p.add_argument(
+        "--stages",
+        help="comma-separated stages to merge, in order (default: serving's default stage and its chain)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
 
     p = add("serve", cmd_serve, "Serve the OpenAI-compatible chat API and the chat page.")

@@ -97,6 +97,20 @@ def test_a_sibling_stage_trains_on_its_named_parent_and_subdomain_stays_the_defa
     found = {s.name: s for s in discover_stages(adapters)}
     assert found[variant.name].chain == ("general", "domain", variant.name)
     assert deepest_stage(list(found.values())) == "subdomain"
+    # `raglora merge` without --stages merges that default chain (not every configured stage: they are no chain)
+    import yaml
+
+    from pipeline.cli import main
+
+    config = tmp_path / "config.yaml"
+    stages = [s.model_dump(exclude_none=True) for s in cfg.stages]
+    paths = {"adapters_dir": str(adapters), "base_cache_dir": str(tmp_path / "cache")}
+    config.write_text(yaml.safe_dump({"paths": paths, "model": {"base": str(run["model_cfg"].base)},
+                                      "finetune": {"stages": stages}}))  # fmt: skip
+    assert main(["merge", "--config", str(config), "--out", str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "raglora_merge.json").read_text())["stages"] == [
+        "general", "domain", "subdomain"
+    ]  # fmt: skip
 
 
 def test_the_demo_config_has_the_raft_paper_variant_as_a_sibling_evaluation_arm():
