@@ -210,7 +210,8 @@ def build_raft_examples(
             return cite_answer(answer, sentences, supported, n)
 
         msgs = raft_messages(ex, [_strip(c) for c in contexts], system_prompt, target(contexts))
-        while fits is not None and not fits(msgs) and any(c is not gold for c in contexts):
+        keep = 0 if gold is not None else 1  # a distractor-only prompt keeps one passage: "gold removed", not "none"
+        while fits is not None and not fits(msgs) and sum(c is not gold for c in contexts) > keep:
             drop = next(c for c in reversed(contexts) if c is not gold)
             contexts.remove(drop)
             stats["dropped_distractors_for_length"] += 1

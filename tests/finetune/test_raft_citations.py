@@ -171,3 +171,11 @@ def test_closed_book_targets_never_teach_a_bracketed_number():
     trained = tok.decode([t for t in out[0]["labels"] if t != IGNORE_INDEX])
     assert "See (3) and the rules of (2019)." in trained and "[" not in trained
     assert stats["citation_like_rewritten"] == 1
+
+
+def test_a_distractor_only_prompt_keeps_one_passage_however_short_the_budget(tmp_path):
+    out, stats = build_raft_examples(
+        _examples(tmp_path, faq_rows("bygglov", 4)), index=StubIndex(faq_rows("bygglov")), fraction=1.0,
+        n_distractors=2, p_no_gold=1.0, system_prompt="S", seed=0, fits=lambda m: False,
+    )  # fmt: skip
+    assert all(len(e["raft"]["sources"]) == 1 for e in out) and stats["dropped_distractors_for_length"] == 4 * 2
