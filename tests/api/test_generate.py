@@ -189,7 +189,8 @@ def test_repetition_control_equals_transformers_processors_on_the_answer(tok):
         assert max(r.batch_size for r in results) > 1 and len({len(p) for p in prompts}) == 3
         expected = [_reference_greedy(model, tok, p, 24, penalty=1.3, ngram=2) for p in prompts]
         assert [h.token_ids for h in handles] == expected
-        plain = [gen.generate(p, params=SamplingParams(max_new_tokens=24)).text for p in prompts]
+        off = SamplingParams(max_new_tokens=24, repetition_penalty=1.0, no_repeat_ngram_size=0)
+        plain = [gen.generate(p, params=off).text for p in prompts]
         assert plain != [r.text for r in results]  # the control changed what the random model writes
     finally:
         gen.close()
@@ -197,11 +198,23 @@ def test_repetition_control_equals_transformers_processors_on_the_answer(tok):
 
 def test_no_repeat_ngram_stops_a_loop(stacked, tok):
     p = prompt_ids(tok, QUESTIONS[0])
-    off = stacked.submit(p, params=SamplingParams(max_new_tokens=40))
+    off = stacked.submit(p, params=SamplingParams(max_new_tokens=40, no_repeat_ngram_size=0))
     on = stacked.submit(p, params=SamplingParams(max_new_tokens=40, no_repeat_ngram_size=3))
     off.result(timeout=60), on.result(timeout=60)
     assert _repeats_an_ngram(off.token_ids, 3)  # the random model loops when nothing stops it
     assert not _repeats_an_ngram(on.token_ids, 3)
+
+
+def test_default_sampling_does_not_loop(stacked, tok):
+    """Serving and evaluation decode with SamplingParams' defaults: they carry the measured repetition control."""
+    p = prompt_ids(tok, QUESTIONS[0])
+    n = SamplingParams().no_repeat_ngram_size
+    assert n > 0
+    off = stacked.submit(p, params=SamplingParams(max_new_tokens=60, no_repeat_ngram_size=0))
+    default = stacked.submit(p, params=SamplingParams(max_new_tokens=60))
+    off.result(timeout=60), default.result(timeout=60)
+    assert _repeats_an_ngram(off.token_ids, n)
+    assert not _repeats_an_ngram(default.token_ids, n)
 
 
 @pytest.mark.parametrize("stage", [None, "subdomain"])
