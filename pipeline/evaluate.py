@@ -629,11 +629,11 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
     embed = cached_embed(lambda texts: embedder.encode(list(texts), batch_size=64))
     k = _retrieval_k(service, cfg)
     ks = hit_ks(k)
-    calibration = M.calibrate_judge(
-        [c.text for c in service.index.chunks] if has_index else [], embed, ec.calibration_pairs
-    )
-    # One judge verifies what serving shows and scores it: serving's own when it has one (same embedder).
+    # One judge verifies what serving shows and scores it: serving's own when it has one (same embedder). Its
+    # calibration is redone here with serving's pair count and seed, so the report describes the judge used.
     served = service.judge
+    n_pairs = cfg.serve.judge_calibration_pairs if served is not None else ec.calibration_pairs
+    calibration = M.calibrate_judge([c.text for c in service.index.chunks] if has_index else [], embed, n_pairs)
     if served is not None and served.embed is not None:
         judge = dataclasses.replace(served, embed=cached_embed(served.embed))
         if not math.isclose(judge.threshold, calibration["threshold"], abs_tol=1e-9):
