@@ -127,9 +127,8 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(16, gt=0)
     speedup_questions: int = Field(8, ge=0)  # answered one at a time and batched, to report the speed-up
     bootstrap_resamples: int = Field(1000, gt=0)
-    calibration_pairs: int = Field(
-        60, ge=0
-    )  # judge calibration when serving has none (else serve.judge_calibration_pairs)
+    # pairs that calibrate the judge when serving has none (else serve.judge_calibration_pairs, as serving does)
+    calibration_pairs: int = Field(60, ge=0)
     examples: int = Field(5, ge=0)
 
     @field_validator("sets", mode="before")
