@@ -417,6 +417,8 @@ def verdict(results: dict) -> list[str]:
         text = f"**Does the bot hand over when it should?** {served} (the model as served) hands over on " + (
             ", ".join(rates) or "no unanswerable set"
         )
+        if "refusal_gold_removed" in m and "refusal_near_domain" in m:
+            text += f" (gold-removed and near-domain together: {fmt_stats(m.get('refusal_in_domain_unanswerable'))})"
         if "false_refusal_rate" in m:
             text += f", and wrongly on {fmt_stats(m['false_refusal_rate'])} of answerable ones"
         if "grounded_refusal_f1" in m:

@@ -314,6 +314,13 @@ def test_verdict_sentences_come_from_the_numbers_with_their_intervals(results):
     assert "rag+lora-domain (the model as served) hands over on 0.400 [0.300, 0.500] of off-topic questions" in said
     assert "wrongly on 0.100 [0.000, 0.200] of answerable ones" in said
     assert "highest for rag+lora-domain, 0.400 [0.300, 0.500]" in said
+    served = results["arms"]["rag+lora-domain"]["metrics"]
+    served.update(
+        refusal_gold_removed=stats(0.8), refusal_near_domain=stats(0.6), refusal_in_domain_unanswerable=stats(0.7)
+    )
+    said = render_markdown(results).split("## Verdict")[1].split("\n## ")[0]
+    assert "hands over on 0.800 [0.700, 0.900] of gold-removed questions, 0.600 [0.500, 0.700] of near-domain" in said
+    assert "(gold-removed and near-domain together: 0.700 [0.600, 0.800])" in said
     results["arms"]["rag+lora-domain"]["metrics"]["trust_score"] = stats(0.9)
     assert "highest for rag+lora-domain, 0.900 [0.800, 1.000]" in render_markdown(results)
 
