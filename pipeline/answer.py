@@ -349,6 +349,8 @@ class AnswerService:
                 "n": n,
                 "source": ctx.get("source"),
                 "title": ctx.get("title"),
+                # a Q/A passage's own question: a readable heading where the title is only a category
+                "question": (ctx.get("metadata") or {}).get("question"),
                 "chunk_id": ctx.get("chunk_id"),
                 "text": ctx.get("text"),  # the passage as the model saw it, so a person can check the answer
                 "score": ctx.get("score"),

@@ -184,6 +184,7 @@ def passage_citation(n: int, passage: dict) -> dict:
         "n": n,
         "source": passage.get("source"),
         "title": passage.get("title"),
+        "question": passage.get("question") or (passage.get("metadata") or {}).get("question"),
         "chunk_id": passage.get("chunk_id"),
         "text": passage.get("text"),
         "score": passage.get("score"),

@@ -178,6 +178,7 @@ def test_answer_shows_verified_citations_with_title_and_text(trust_service, monk
     assert ans.handoff is None
     assert [c["source"] for c in ans.citations] == ["bygglov-001"]
     assert ans.citations[0]["title"] and FAQ_ROWS[0]["answer"] in ans.citations[0]["text"]
+    assert ans.citations[0]["question"] == FAQ_ROWS[0]["question"]  # a Q/A passage's readable heading
     assert ans.text.endswith("(bygglov) from the municipality [1].")
     assert ans.rejected_citations == [2] and ans.extension()["unsupported"] == []
 
