@@ -188,7 +188,13 @@ def render_config(
     elif docs:
         stages += ["    - name: docs                    # no Q/A data: continued pre-training on the documents",
                    "      kind: text", "      max_steps: 30", "      lr: 2.0e-4"]  # fmt: skip
+    if qa_names:  # the held-out questions asked with their gold passages removed from retrieval: hand over
+        held_out = ["domain", *(["subdomain"] if subdomain else [])]
+        eval_sets += [f'    gold_removed_{s}: {{from: "gold_removed:{s}", limit: 30}}' for s in held_out]
     eval_sets.append("    out_of_kb: {from: out_of_kb, limit: 30}   # the right reply is a hand-over")
+    eval_sets.append(
+        "    # near_domain: {from: near_domain.jsonl, kind: near_domain}   # optional: questions no document answers"
+    )
     return TEMPLATE.format(
         name=_flow(name),
         description=_flow(description),
@@ -254,7 +260,7 @@ model:
   device: auto
   dtype: auto
   load_in_4bit: false
-  max_length: 384
+  max_length: 512                 # tokens per training example: a RAFT row with 3 passages fits
 
 finetune:
   seed: 42
