@@ -29,7 +29,8 @@ class ModelConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     load_in_4bit: bool = False  # QLoRA (bitsandbytes NF4); CUDA only
-    max_length: int = Field(384, ge=16)  # tokens per training example (longer ones are truncated)
+    # tokens per training example (longer ones are truncated); 512 fits a RAFT row with three ~600-character passages
+    max_length: int = Field(512, ge=16)
     attn_implementation: str | None = None  # None: transformers' default (sdpa); e.g. "flash_attention_2"
     system_prompt_file: str | None = None  # None: finetune/prompts/system.txt
     rag_system_prompt_file: str | None = None  # None: finetune/prompts/system_rag.txt
@@ -114,7 +115,9 @@ class StageConfig(BaseModel):
     # target when the gold passage is absent: "refusal" (project.no_answer_reply: the bot hands over when the
     # documents do not answer) or "answer" (the RAFT paper: still the reference answer, from memory)
     raft_no_gold_target: Literal["answer", "refusal"] = "refusal"
-    raft_search_mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    # how RAFT rows retrieve their passages; None: as served (the root config's retrieval.mode), so that
+    # distractor-only rows look like what the bot sees when retrieval misses
+    raft_search_mode: Literal["hybrid", "dense", "bm25"] | None = None
     raft_context_chars: int = Field(600, gt=0)  # each context passage is clipped to this many characters
     lora: LoraOverride | None = None
 

@@ -110,7 +110,7 @@ def _open_index(index_dir: str | Path | None, stage: StageConfig):
             f"(raglora index), or set finetune.stages[{stage.name}].raft: false"
         )
     index = load_index(index_dir)
-    if stage.raft_search_mode != "bm25" and index.embedder is None:
+    if (stage.raft_search_mode or "hybrid") != "bm25" and index.embedder is None:
         index.embedder = load_embedder(index.manifest["embedder"]["name"])
     return index
 
@@ -653,7 +653,7 @@ def stage_examples(
             system_prompt=prompts["rag"],
             seed=f"{seed}:{stage.name}",
             no_gold_target=stage.raft_no_gold_target,
-            search_mode=stage.raft_search_mode,
+            search_mode=stage.raft_search_mode or "hybrid",
             context_chars=stage.raft_context_chars,
             fits=fits,
             gold_finder=gold_finder,

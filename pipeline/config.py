@@ -169,10 +169,13 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
-        """Names that point across sections must exist: stage sources, held-out sets, the default stage."""
+        """Names that point across sections must exist: stage sources, held-out sets, the default stage. RAFT
+        retrieves as served (retrieval.mode) unless a stage sets raft_search_mode."""
         sources = {s.name for s in self.data.sources}
         stages = [s.name for s in self.finetune.stages]
         for stage in self.finetune.stages:
+            if stage.raft_search_mode is None:
+                stage.raft_search_mode = self.retrieval.mode
             unknown = [n for n in stage.sources if n not in sources]
             if unknown:
                 known = ", ".join(sorted(sources)) or "none: add data.sources"

@@ -15,7 +15,7 @@ def test_defaults_have_no_stages_and_time_based_checkpoints():
     assert cfg.save_steps is None and cfg.save_minutes == 5
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     m = ModelConfig()
-    assert m.base == "packaged:smollm2-135m-instruct" and m.device == "auto" and m.max_length == 384
+    assert m.base == "packaged:smollm2-135m-instruct" and m.device == "auto" and m.max_length == 512
 
 
 def test_stage_files_default_to_the_stage_folder():

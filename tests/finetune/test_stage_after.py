@@ -118,13 +118,14 @@ def test_the_demo_config_has_the_raft_paper_variant_as_a_sibling_evaluation_arm(
 
     cfg = load_config(REPO / "configs" / "default.yaml")
     ft = cfg.finetune
-    main = ft.stage("subdomain")
-    variant = ft.stage("subdomain-raft-answer")
-    assert variant.after == ft.builds_on("subdomain").name == "domain"
+    main = ft.stage("domain")
+    variant = ft.stage("domain-raft-answer")
+    assert variant.after == ft.builds_on("domain").name == "general"
     assert variant.raft and variant.raft_no_gold_target == "answer"
     assert (variant.max_steps, variant.lr, variant.replay_fraction) == (main.max_steps, main.lr, main.replay_fraction)
     assert (variant.raft_fraction, variant.raft_p_no_gold) == (main.raft_fraction, main.raft_p_no_gold)
     assert (variant.train_file, variant.validation_file) == (main.train_file, main.validation_file)
     assert all(s.raft_no_gold_target == "refusal" for s in ft.stages if s.raft and s is not variant)
+    assert all(s.raft_search_mode == cfg.retrieval.mode for s in ft.stages if s.raft)  # RAFT retrieves as served
     chains = [StageInfo(s.name, Path(s.name), tuple(p.name for p in ft.lineage(s.name))) for s in ft.stages]
     assert cfg.serve.default_stage in (None, "subdomain") and deepest_stage(chains) == "subdomain"
