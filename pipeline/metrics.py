@@ -467,7 +467,8 @@ def citation_scores(answer: str, passages: dict[int, str], judge: Judge) -> dict
 # English first, then Swedish; other languages: the project's own hand-over replies (is_refusal's `replies`).
 REFUSAL_PATTERNS: tuple[str, ...] = (
     r"\bi (?:do not|don'?t|really don'?t) know\b",
-    r"\b(?:i|we)(?: cannot| can'?t| can not| am unable to|'m unable to| are unable to| am not able to|'m not able to)"
+    r"\b(?:i|we)(?: cannot| can'?t| can not| am unable to|'m unable to| are unable to| am not able to|'m not able to"
+    r"| am not equipped to|'m not equipped to)"
     r" (?:answer|help (?:you )?with th|find|provide|say|tell|give)",
     r"\b(?:i|we) (?:do not|don'?t) have (?:any |enough |that |this |the |sufficient |specific )?"
     r"(?:information|details|data|answer|knowledge)",

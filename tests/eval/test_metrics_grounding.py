@@ -132,6 +132,7 @@ def test_citation_precision_is_share_of_cited_chunks_from_gold_entry():
         "I can hand you over to our customer service.",
         "I'm sorry, but I cannot answer questions about car insurance.",
         "This is outside my knowledge.",
+        "I'm sorry, but as a service assistant, I'm not equipped to provide information on your invoices.",
         "Jag vet inte, men jag kan koppla dig till en kollega.",
     ],
 )
@@ -157,6 +158,7 @@ def test_is_refusal_detects_the_bots_own_canned_handover_and_refusal_replies():
         "The context of the rule is PBL 9 kap. 4 §.",
         "Contact the building committee; they can help.",
         "You do not have to apply for a permit.",
+        "The scaffold is not equipped to carry that load.",
         "If the neighbour doesn't know about the plank, ask for written consent.",
         "Du kan prata med kommunen.",
         "",
