@@ -236,12 +236,12 @@ def _transpose(tables: dict[str, dict], metrics: list[str] | tuple[str, ...]) ->
 
 
 def _by_test_set(results: dict) -> dict[str, dict[str, dict]]:
-    """{test_set: {arm: {metric: stats}}} over the arms that ran."""
-    out: dict[str, dict[str, dict]] = {}
+    """{test_set: {arm: {metric: stats}}} over the arms that ran, in the order of `test_sets` (the config's)."""
+    out: dict[str, dict[str, dict]] = {ts: {} for ts in results.get("test_sets", {})}
     for arm, x in _live_arms(results).items():
         for ts, metrics in x.get("by_test_set", {}).items():
             out.setdefault(ts, {})[arm] = metrics
-    return out
+    return {ts: arms for ts, arms in out.items() if arms}
 
 
 HEADLINE_CHART = "Trust score and token F1 by arm (95% CI)"
@@ -673,6 +673,8 @@ def example_questions(results: dict, max_examples: int) -> list[tuple[str, str]]
             rows = first.setdefault(r.get("test_set"), [])
             if all(q.get("id") != r.get("id") for q in rows):
                 rows.append(r)
+    order = list(results.get("test_sets", {}))
+    first = dict(sorted(first.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     kinds = {ts: (results.get("test_sets", {}).get(ts) or {}).get("kind") for ts in first}
     n_kb = max(1, sum(k in ("kb", None) for k in kinds.values()))
     out = []
