@@ -341,31 +341,55 @@ def calibrate_groundedness_threshold(
     }
 
 
-def calibrate_judge(texts: list[str], embed: Embed, n_pairs: int, seed: int = 0) -> dict:
+#: Names how `calibrate_judge` labels its pairs; a cached calibration of another method is stale.
+JUDGE_CALIBRATION_METHOD = "reworded sentence vs own / near passage v3"
+
+
+def _reword(sentence: str, rng: np.random.Generator, drop: float = 0.3) -> str:
+    """The sentence with about `drop` of its words left out (order kept): an answer that restates a passage
+    sentence loosely, as a model's does."""
+    words = sentence.split()
+    keep = [w for w in words if rng.random() >= drop]
+    return " ".join(keep if len(keep) >= max(3, len(words) // 2) else words[: max(3, len(words) // 2)])
+
+
+def calibrate_judge(texts: list[str], embed: Embed, n_pairs: int, seed: int = 0, *, neighbours: int = 10) -> dict:
     """Calibrate the judge's threshold on pairs labelled from the knowledge base itself (index chunks or KB
-    answers, any domain): a sentence against the rest of its own passage is supported, against a random other
-    passage is not. (Against its own full passage the sentence matches itself word for word, which calibrates
-    nothing.) Returns `calibrate_groundedness_threshold`'s dict plus "method"; the default 0.6 without pairs."""
+    answers, any domain). A passage sentence restated loosely (`_reword`: about a third of its words left out) is
+    supported by its own passage, and not by a *topically close* other passage (among the `neighbours* most similar
+    passages, the first that does not repeat its content words).
+
+    Easier labels calibrate the wrong question: against a random other passage as the negative, any in-domain
+    sentence passes as supported by any in-domain passage (the made-up answer the judge must catch); with "the rest
+    of its own passage" as the positive, support means "on the same topic". Returns
+    `calibrate_groundedness_threshold`'s dict plus "method"; the default 0.6 without pairs."""
     rng = np.random.default_rng(seed)
     passages = [t for t in dict.fromkeys(texts) if len(split_sentences(t)) >= 2]
     if n_pairs <= 0 or len(passages) < 3:
         return {"threshold": 0.6, "method": "default threshold 0.6 (no calibration pairs)"}
     picks = rng.choice(len(passages), size=min(n_pairs, len(passages)), replace=False)
+    vecs = _unit_rows(embed(passages))
     supported, unsupported = [], []
     for i in picks:
         sentences = split_sentences(passages[i])
-        j = int(rng.integers(len(sentences)))
-        rest = " ".join(sentences[:j] + sentences[j + 1 :])
-        other = passages[int((i + 1 + rng.integers(len(passages) - 1)) % len(passages))]
-        supported.append((sentences[j], rest))
-        unsupported.append((sentences[j], other))
+        sentence = _reword(sentences[int(rng.integers(len(sentences)))], rng)
+        sims = vecs @ vecs[i]
+        sims[i] = -np.inf
+        close = [int(x) for x in np.argsort(-sims)[:neighbours]]
+        other = next((passages[x] for x in close if ngram_support(sentence, [passages[x]]) < 0.5), None)
+        if other is None:  # every close passage repeats the sentence (duplicates): a random one
+            other = passages[int((i + 1 + rng.integers(len(passages) - 1)) % len(passages))]
+        supported.append((sentence, passages[i]))
+        unsupported.append((sentence, other))
     result = calibrate_groundedness_threshold(supported, unsupported, embed)
     result["method"] = (
         "a passage supports an answer sentence when the sentence's best cosine similarity to one of its sentences "
         "reaches the threshold, or when half its content-word trigrams occur in it; the threshold maximises balanced "
-        f"accuracy on {len(supported)} supported (sentence vs the rest of its own passage) and {len(unsupported)} "
-        "unsupported (sentence vs a random other passage) pairs from the knowledge base"
+        f"accuracy on {len(supported)} supported (a passage sentence with about a third of its words left out, vs "
+        f"its own passage) and {len(unsupported)} unsupported (the same sentence vs the most similar of the "
+        f"{neighbours} nearest other passages that does not repeat it) pairs from the knowledge base"
     )
+    result["calibration_method"] = JUDGE_CALIBRATION_METHOD
     return result
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from pipeline.answer import AnswerService
 from pipeline.generate import Generator, StageModels
 from pipeline.handoff import DEFAULT_LANGUAGE, HANDOFF_REPLY, LOW_SCORE_REPLY
-from pipeline.metrics import Judge, calibrate_judge
+from pipeline.metrics import JUDGE_CALIBRATION_METHOD, Judge, calibrate_judge
 from pipeline.store import ConversationStore
 from raglora.files import atomic_write_text, file_sha256
 
@@ -69,6 +69,7 @@ def build_judge(index, n_pairs: int, seed: int = 0, *, cache: str | Path | None 
         "embedder": getattr(embedder, "name", None),
         "n_pairs": n_pairs,
         "seed": seed,
+        "method": JUDGE_CALIBRATION_METHOD,
     }
     calibration = None
     if cache is not None and key["index_manifest"] is not None and Path(cache).exists():

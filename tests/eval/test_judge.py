@@ -132,3 +132,17 @@ def test_calibrate_judge_labels_pairs_from_knowledge_base_passages():
     assert result["n_supported"] == 5 and result["n_unsupported"] == 5
     assert 0.0 <= result["threshold"] <= 1.0 and "balanced accuracy" in result["method"]
     assert calibrate_judge(texts[:2], topic_embed, n_pairs=5)["threshold"] == 0.6  # too few passages: default
+
+
+def test_calibration_positives_restate_a_passage_sentence_loosely_in_order():
+    import numpy as np
+
+    from pipeline.metrics import _reword
+
+    sentence = "A deck lower than 1.8 metres above the ground does not require a building permit here"
+    for seed in range(20):
+        out = _reword(sentence, np.random.default_rng(seed)).split()
+        words = sentence.split()
+        assert len(words) // 2 <= len(out) <= len(words)
+        it = iter(words)
+        assert all(w in it for w in out)  # a subsequence: words left out, none added or reordered
