@@ -366,6 +366,7 @@ def answer_all(
                     shown_citations=v.citations,
                     unsupported=v.unsupported,
                     rejected_citations=v.rejected,
+                    supported_share=v.supported_share,
                 )
                 if v.handover:
                     record.update(
@@ -463,6 +464,38 @@ def cached_embed(embed):
         return np.stack([cache[t] for t in texts]) if texts else np.zeros((0, 0))
 
     return cached
+
+
+#: The citation-policy settings the trade-off table shows: hand over when more than this share of an answer's
+#: sentences is unsupported (0.0: any unsupported sentence), None = keep (never hand over for it).
+POLICY_SHARES = (0.0, 0.25, 0.5, 0.75, None)
+
+
+def citation_policy_tradeoff(records: list[dict], kind_of: dict[str, str], replies: tuple[str, ...]) -> list[dict]:
+    """Hand-over rates per kind of question under other `serve.citations` settings, from the same answers (each
+    generated answer's supported share was measured once), so a project can pick its setting without rerunning.
+
+    Hand-overs before generation (gate, asked for a person) and answers the model wrote as a hand-over stay
+    hand-overs under every setting."""
+    rows = []
+    for share in POLICY_SHARES:
+        by_kind: dict[str, list[float]] = {}
+        for r in records:
+            kind = "answerable" if kind_of[r["test_set"]] == "kb" else kind_of[r["test_set"]]
+            raw = r.get("raw_answer")
+            if raw is None or M.is_refusal(raw, replies):
+                refused = bool(r["handoff"] or M.is_refusal(r["answer"], replies))
+            else:
+                supported = r.get("supported_share", math.nan)
+                refused = share is not None and not math.isnan(supported) and 1 - supported > share
+            by_kind.setdefault(kind, []).append(float(refused))
+        row = {"policy": "keep" if share is None else f"handover > {share:.0%} unsupported"}
+        row.update({k: float(np.mean(v)) for k, v in by_kind.items()})
+        unanswerable = [x for k in ("gold_removed", "near_domain") for x in by_kind.get(k, [])]
+        if unanswerable:
+            row["gold_removed+near_domain"] = float(np.mean(unanswerable))
+        rows.append(row)
+    return rows
 
 
 def arm_metrics(records: list[dict], kind_of: dict[str, str], *, rag: bool, ks: tuple[int, ...], n: int) -> dict:
@@ -694,6 +727,14 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
             "answers": records,
         }
     n = ec.bootstrap_resamples
+    served = f"rag+lora-{deepest}" if deepest and f"rag+lora-{deepest}" in arms else "rag"
+    policy_tradeoff = {}
+    if "answers" in results_arms.get(served, {}):
+        policy_tradeoff = {
+            "arm": served,
+            "configured": f"{service.citation_policy}, max_unsupported_share {service.max_unsupported_share}",
+            "rows": citation_policy_tradeoff(results_arms[served]["answers"], kind_of, replies),
+        }
     comparisons = _comparisons(results_arms, deepest or (stages[-1] if stages else None), kb_sets, n)
     speed = {}
     first = next((ts for ts in sets if ts.kind == "kb"), sets[0])
@@ -751,6 +792,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
         "arms": results_arms,
         "comparisons": comparisons,
         "stage_gains": gains,
+        "citation_policy_tradeoff": policy_tradeoff,
         "stages": stage_info,
         "forgetting": forgetting,
         "retrieval": retrieval,

@@ -27,6 +27,7 @@ optional except `run` and `arms`; a stats dict is `{"mean", "low", "high", "n"}`
       "comparisons": [{"a": arm, "b": arm, "metric": str, "diff", "low", "high", "n"}],   # paired bootstrap a - b
       "stage_gains": [{"stage", "parent", "setting": "closed book"|"with retrieval", "a", "b", "test_set", "metric",
                        "a_mean", "b_mean", "diff", "low", "high", "n"} | {..., "note": why not measured}],
+      "citation_policy_tradeoff": {"arm", "configured", "rows": [{"policy", "answerable", "gold_removed", ...}]},
       "stages": {stage: {"train_loss_curve": [[step, loss], ...], "val_loss", "trainable_params", "trainable_ratio",
                          "adapter_bytes", "train_seconds", "peak_memory_bytes"}},
       "forgetting": {general_set: {"held_out_of": stage|None, "after": {after_stage: {   # "base" = before any stage
@@ -500,6 +501,8 @@ def build_sections(results: dict) -> list[tuple[str, list[tuple]]]:
         sections.append(("Paired differences (a - b, 95% CI)", [("table", ["a", "b", "metric", "a - b"], rows)]))
     if gains := results.get("stage_gains"):
         sections.append(("What each stage buys (paired, 95% CI)", _gain_blocks(gains)))
+    if (policy := results.get("citation_policy_tradeoff")) and policy.get("rows"):
+        sections.append(("Hand-over trade-off of the citation policy", _policy_blocks(policy)))
     for name, f in (results.get("forgetting") or {}).items():
         sections.append((f"Forgetting on answers: {name}", _forgetting_blocks(name, f)))
     if stages := results.get("stages"):
@@ -518,6 +521,19 @@ def build_sections(results: dict) -> list[tuple[str, list[tuple]]]:
     if arms:
         sections.append(("Example answers", [("examples",)]))
     return sections
+
+
+def _policy_blocks(policy: dict) -> list[tuple]:
+    cols = [c for c in ("answerable", "gold_removed", "near_domain", "gold_removed+near_domain", "out_of_kb")
+            if any(c in r for r in policy["rows"])]  # fmt: skip
+    labels = {"answerable": "answerable (false hand-over)", "out_of_kb": "off topic"}
+    rows = [[r["policy"], *(_fmt_plain(r.get(c)) for c in cols)] for r in policy["rows"]]
+    text = (
+        f"Hand-over rate of {policy['arm']} per kind of question if `serve.citations` were set otherwise, from the "
+        "same answers (configured: " + policy["configured"] + "). Hand-overs before generation (the gate, a request "
+        "for a person) and answers the model wrote as a hand-over count under every setting."
+    )
+    return [("p", text), ("table", ["policy", *(labels.get(c, c) for c in cols)], rows)]
 
 
 def _time_blocks(results: dict, perf: dict[str, dict]) -> list[tuple]:
