@@ -114,6 +114,20 @@ def _render(text: str, parts: list[tuple[str, str | None]]) -> str:
     return "\n".join(line.rstrip() for line in result.splitlines()).strip()
 
 
+_ECHOED_HEADER = re.compile(r"^\s*\[(\d{1,3})\]\s*\(([^()\n]{0,200})\)\s*")
+
+
+def _strip_echoed_header(text: str, passages: list[dict]) -> str:
+    """Drop a "[n] (title) " that opens the answer when it repeats passage n's line header from the prompt (a small
+    model that copies a passage copies its header too); the passage's support is then judged like any other."""
+    m = _ECHOED_HEADER.match(text)
+    if m and 1 <= int(m.group(1)) <= len(passages):
+        title = " ".join(str(passages[int(m.group(1)) - 1].get("title") or "").split())
+        if title and " ".join(m.group(2).split()) == title:
+            return text[m.end() :]
+    return text
+
+
 def verify_answer(
     text: str, passages: list[dict], judge: Judge, *, policy: str = "keep", max_unsupported: float = 0.5
 ) -> Verified:
@@ -133,7 +147,7 @@ def verify_answer(
     """
     if policy not in POLICIES:
         raise ValueError(f"citation policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    text = (text or "").replace(_SHIELD, "")
+    text = _strip_echoed_header((text or "").replace(_SHIELD, ""), passages)
     shielded = _shield_foreign_markers(text, len(passages))
     parsed = cited_sentences(shielded)
     content = [_has_content(s) for s, _ in parsed]

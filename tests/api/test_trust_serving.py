@@ -409,3 +409,10 @@ def test_a_gate_fitted_on_another_index_is_not_used(tmp_path, adapters_dir, monk
         assert svc.handoff_threshold == 0.3  # the fallback rule
     finally:
         svc.close()
+
+
+def test_an_answer_that_opens_with_a_copied_passage_header_drops_the_header():
+    v = verify_answer(f"[1] ({PASSAGES[0]['title']}) {EXTENSION}", PASSAGES, fake_judge())
+    assert v.text == f"{EXTENSION[:-1]} [1]." and v.rejected == []
+    other = verify_answer(f"[1] (not the title) {EXTENSION}", PASSAGES, fake_judge())
+    assert "(not the title)" in other.text  # only the prompt's own header is dropped
