@@ -2,7 +2,7 @@
 
 `AnswerService.prepare` decides everything before generation (a `Prepared`), `start` queues generation,
 `finish` checks the answer and writes the turn (and a hand-off ticket) to the store; `answer` does all three,
-blocking. A turn is handed over to a person (issue 12) when the user asks for one, when retrieval finds nothing
+blocking. A turn is handed over to a person when the user asks for one, when retrieval finds nothing
 to answer from (the fitted answerability gate, pipeline.gate, or else the `handoff_threshold` rule), when the
 model writes a hand-over reply itself, or when the citation policy says too much of the answer has no
 supporting passage (pipeline.citations). The pieces:

@@ -1,4 +1,4 @@
-"""Verified citations: every answer sentence is attributed to the prompt passages that support it (issue 12).
+"""Verified citations: every answer sentence is attributed to the prompt passages that support it.
 
 The model's own `[n]` markers are a claim, not a fact: a small model cites [1] out of habit, cites a passage that
 says something else, or writes a confident sentence that no passage backs. `verify_answer` asks the calibrated

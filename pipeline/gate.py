@@ -1,5 +1,5 @@
 """The answerability gate: a small calibrated classifier on retrieval features that says whether the knowledge base
-can answer a question, in place of a fixed cosine threshold (issue 12, "Make the bot behave that way" 3).
+can answer a question, in place of a fixed cosine threshold.
 
     features  one hybrid search per question through `Index.search` (so `exclude` and the index's own dense/BM25
               code apply): top-1 dense cosine, the margin to the second, the top BM25 score as a share of the best

@@ -275,7 +275,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     # Repetition control on the answer's own tokens (see `repetition_processors`): a small greedy model otherwise
-    # falls into one line repeated until max_new_tokens (issue 12). repetition_penalty, HF semantics: a seen
+    # falls into one line repeated until max_new_tokens. repetition_penalty, HF semantics: a seen
     # token's logit is divided by the penalty when positive, multiplied when negative; 1.0 = off.
     # no_repeat_ngram_size: no token n-gram of the answer occurs twice; 0 = off.
     # Measured by bench/sampling_defaults.py (40 validation questions of the kb stages, rag+lora-subdomain,

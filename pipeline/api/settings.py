@@ -33,7 +33,7 @@ class ServeConfig(BaseModel):
     # activates the parents' adapters with the stage's own on one shared base (identical outputs for LoRA,
     # one copy in memory, ~20 ms set_adapter per switch).
     adapter_strategy: Literal["stack", "merged"] = "merged"
-    # Answerability (issue 12): with `gate` on, a gate fitted by `raglora gate` (paths.gate_dir) decides whether
+    # Answerability: with `gate` on, a gate fitted by `raglora gate` (paths.gate_dir) decides whether
     # retrieval found something to answer from; without a fitted gate (or with gate: false) the fallback is
     # handoff_threshold: hand over when the best dense cosine similarity of the retrieved passages is below it.
     gate: bool = True

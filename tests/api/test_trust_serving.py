@@ -1,4 +1,4 @@
-"""Trust at serve time (issue 12): verified citations, the answerability gate, and hand-overs that write tickets.
+"""Trust at serve time: verified citations, the answerability gate, and hand-overs that write tickets.
 
 The model's words are scripted (a stand-in for `Generator.submit`) where a test is about what serving does with
 an answer, so the tests do not depend on what a tiny random model happens to say.
