@@ -303,13 +303,8 @@ def _methodology(results: dict) -> list[tuple]:
     if cal.get("n_supported"):
         used = _num(judge.get("threshold", cal.get("threshold_used", cal.get("threshold"))))
         text = (
-            "The **judge** (groundedness, citation precision and recall, and serving's citation check): a passage "
-            "supports an answer sentence when the sentence's best embedding similarity to one of the passage's "
-            f"sentences is at least the threshold **{used:.3f}**, or when at least "
-            f"{cal.get('overlap', 0.5)} of its content-word {cal.get('ngram', 3)}-grams occur in the passage. "
-            f"The threshold {_num(cal.get('threshold')):.3f} was calibrated on {cal.get('n_supported')} supported "
-            f"pairs (a knowledge-base sentence vs the rest of its own passage) and {cal.get('n_unsupported')} "
-            f"unsupported pairs (vs a random other passage) by maximising balanced accuracy: {_num(cal.get('balanced_accuracy')):.3f} "
+            "The **judge** (groundedness, citation precision and recall, and serving's citation check), threshold "
+            f"**{used:.3f}**: {cal.get('method', '')}; balanced accuracy {_num(cal.get('balanced_accuracy')):.3f} "
             f"(TPR {_num(cal.get('true_positive_rate')):.3f}, TNR {_num(cal.get('true_negative_rate')):.3f}; mean "
             f"similarity {_num(cal.get('supported_score_mean')):.3f} supported vs "
             f"{_num(cal.get('unsupported_score_mean')):.3f} unsupported). On the same pairs the n-gram rule alone "
