@@ -159,10 +159,10 @@ def build_raft_examples(
         gold_ids, how = find_gold(finder, ex)
         with_gold = i not in no_gold
         own = set(gold_ids)
-        if not with_gold:  # gold removed as evaluation's gold_removed set and the gate remove it: source and content
-            content = finder.by_content(gold_row(ex)["answer"]) if how == "source" else []
-            stats["removed_content_gold"] += len(set(content) - own)
-            own.update(content)
+        if not with_gold:  # gold removed as evaluation's gold_removed set and the gate remove it
+            removed = set(finder.all_gold(gold_row(ex)))
+            stats["removed_content_gold"] += len(removed - own)
+            own |= removed
         hits = _search(index, ex["question"], n_distractors + int(not with_gold), search_mode, len(chunks))
         candidates = []  # retrieval's ranking without the row's own gold chunks and the held-out gold
         for h in hits:

@@ -209,7 +209,7 @@ def assign_gold(sets: list[TestSet], index) -> None:
             elif ts.kind == "kb":
                 r["gold"] = finder.find(row)
             else:
-                r["gold"] = list(dict.fromkeys(finder.by_source(row) + finder.by_content(r["reference"])))
+                r["gold"] = finder.all_gold(row)
         if ts.kind == "gold_removed":
             kept = [r for r in ts.rows if r["gold"]]
             if len(kept) < len(ts.rows):

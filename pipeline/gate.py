@@ -244,10 +244,8 @@ def gate_examples(cfg, index, *, gold_finder=None) -> tuple[list[dict], dict]:
     def question(row: dict) -> str:
         return (row.get("question") or "").strip()
 
-    def gold(row: dict) -> list[str]:  # by id/source and by content, union (as evaluation's gold-removed set)
-        answer = row.get("answer")
-        ref = {"id": row.get("id"), "source": row.get("source"), "answer": answer}
-        return list(dict.fromkeys([*finder.by_source(ref), *finder.by_content(answer)]))
+    def gold(row: dict) -> list[str]:  # as evaluation's gold-removed set removes it
+        return finder.all_gold({"id": row.get("id"), "source": row.get("source"), "answer": row.get("answer")})
 
     gold_of = {rid: gold(r) for rid, r in {**train, **validation}.items() if question(r)}
     by_source: dict[str, list[str]] = {}

@@ -103,3 +103,9 @@ class GoldFinder:
 
     def find(self, row: dict) -> list[str]:
         return self.by_source(row) or self.by_content(row.get("answer"))
+
+    def all_gold(self, row: dict) -> list[str]:
+        """Every chunk that holds the row's answer: named by the row and found by content, together. What a
+        "gold removed" question must not retrieve (evaluation's set, the gate's negatives, RAFT's distractor-only
+        rows), so that a near-duplicate answer elsewhere in the knowledge base is removed too."""
+        return list(dict.fromkeys([*self.by_source(row), *self.by_content(row.get("answer"))]))

@@ -46,3 +46,11 @@ def test_short_or_generic_answers_have_no_gold_instead_of_matching_everything():
     g = GoldFinder(CHUNKS)
     for answer in ["Yes.", "You are welcome, thank you for asking.", "Yes we are open, thank you."]:
         assert g.find({"id": "x", "answer": answer}) == [], answer
+
+
+def test_all_gold_adds_a_near_duplicate_answer_to_the_row_s_own_chunk():
+    dup = C("faq-9", "faq-9", "Invoices are sent by e-mail 14 days before the due date, as a PDF.")
+    g = GoldFinder([*CHUNKS, dup])
+    row = {"id": "faq-7", "answer": "Invoices are sent by e-mail 14 days before the due date."}
+    assert g.find(row) == ["faq-7"]  # the row's own chunk wins
+    assert g.all_gold(row) == ["faq-7", "faq-9"]  # what a gold-removed question must not retrieve
