@@ -180,6 +180,7 @@ class AnswerService:
         language: str = DEFAULT_LANGUAGE,
         gate=None,
         judge: Judge | None = None,
+        judge_calibration: dict | None = None,
         citation_policy: str = "keep",
         max_unsupported_share: float = 0.5,
     ):
@@ -197,6 +198,7 @@ class AnswerService:
         self.handoff_threshold = handoff_threshold
         self.gate = gate  # pipeline.gate.Gate or None (then the handoff_threshold rule)
         self.judge = judge
+        self.judge_calibration = judge_calibration  # how the judge's threshold was chosen (evaluation reports it)
         self.citation_policy = citation_policy
         self.max_unsupported_share = max_unsupported_share
         self.handoff_reply = handoff_reply

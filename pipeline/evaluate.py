@@ -662,13 +662,15 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
     embed = cached_embed(lambda texts: embedder.encode(list(texts), batch_size=64))
     k = _retrieval_k(service, cfg)
     ks = hit_ks(k)
-    # One judge verifies what serving shows and scores it: serving's own when it has one (same embedder). Its
-    # calibration is redone here with serving's pair count and seed, so the report describes the judge used.
+    # One judge verifies what serving shows and scores it: serving's own when it has one (same embedder), with the
+    # calibration build_service computed or cached for it (calibrated here only when the service has none).
     served = service.judge
-    n_pairs = cfg.serve.judge_calibration_pairs if served is not None else ec.calibration_pairs
-    calibration = M.calibrate_judge([c.text for c in service.index.chunks] if has_index else [], embed, n_pairs)
+    texts = [c.text for c in service.index.chunks] if has_index else []
     if served is not None and served.embed is not None:
         judge = dataclasses.replace(served, embed=cached_embed(served.embed))
+        calibration = dict(getattr(service, "judge_calibration", None) or {}) or M.calibrate_judge(
+            texts, embed, cfg.serve.judge_calibration_pairs
+        )
         if not math.isclose(judge.threshold, calibration["threshold"], abs_tol=1e-9):
             notes.append(
                 f"the citation judge is serving's (threshold {judge.threshold:.3f}), not this run's calibration "
@@ -676,6 +678,7 @@ def run_evaluation(cfg, *, out_dir: str | Path | None = None, service=None, limi
             )
             calibration["threshold_used"] = judge.threshold
     else:
+        calibration = M.calibrate_judge(texts, embed, ec.calibration_pairs)
         judge = M.Judge(embed=embed, threshold=float(calibration.get("threshold", 0.6)))
     service.judge = judge
     params = SamplingParams(max_new_tokens=ec.max_new_tokens)

@@ -162,7 +162,7 @@ def build_service(
     system_prompt, rag_system_prompt = prompts["plain"], prompts["rag"]
     store = None
     try:
-        gate = judge = None
+        gate = judge = calibration = None
         if index is not None:
             index_dir = Path(cfg.paths.index_dir)
             cache = index_dir.with_name(index_dir.name + ".judge.json")  # beside the index (artifacts/index.judge.json)
@@ -205,6 +205,7 @@ def build_service(
             language=getattr(getattr(cfg, "index", None), "language", None) or DEFAULT_LANGUAGE,
             gate=gate,
             judge=judge,
+            judge_calibration=calibration,
             citation_policy=serve.citations,
             max_unsupported_share=serve.max_unsupported_share,
         )
