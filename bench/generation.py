@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from finetune.model import load_base
-    from pipeline.generate import StageModels, discover_stages
+    from pipeline.stage_models import StageModels, discover_stages
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 stage chain: stage N's adapter was trained on base + merged(its parents), as listed in its manifest.
 
 `load_for_inference(base, adapters_dir, stage)` gives one stage with its parents merged and its adapter
-attached. Serving many stages from one base (switched per request) lives in `pipeline.generate.StageModels`.
+attached. Serving many stages from one base (switched per request) lives in `pipeline.stage_models.StageModels`.
 """
 
 from __future__ import annotations

@@ -226,7 +226,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     cfg = _config(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     if not stages:  # the model serving defaults to (a config may hold sibling stages: not one chain)
-        from pipeline.generate import deepest_stage, discover_stages
+        from pipeline.stage_models import deepest_stage, discover_stages
 
         default = cfg.serve.default_stage or deepest_stage(discover_stages(cfg.paths.adapters_dir))
         stages = [default or cfg.finetune.stages[-1].name] if cfg.finetune.stages else []

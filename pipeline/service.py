@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.answer import AnswerService
-from pipeline.generate import Generator, StageModels
+from pipeline.generate import Generator
 from pipeline.handoff import DEFAULT_LANGUAGE, HANDOFF_REPLY, LOW_SCORE_REPLY
 from pipeline.metrics import JUDGE_CALIBRATION_METHOD, Judge, calibrate_judge
+from pipeline.stage_models import StageModels
 from pipeline.store import ConversationStore
 from raglora.files import atomic_write_text, file_sha256
 

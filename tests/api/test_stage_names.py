@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from helpers import make_service, make_stage_adapters, serve_settings
 
 from pipeline.api.app import create_app
-from pipeline.generate import StageInfo, deepest_stage, discover_stages, order_stages
 from pipeline.routing import UnknownModel
+from pipeline.stage_models import StageInfo, deepest_stage, discover_stages, order_stages
 from raglora.errors import RagloraError
 
 CHAIN = ("basics", "heat-pumps", "heat-pumps.boilers")

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from finetune.config import FinetuneConfig, LoraOverride, StageConfig, resolve_lora
 from finetune.stages import _resolve_chain, run_finetune
-from pipeline.generate import StageInfo, deepest_stage, discover_stages
+from pipeline.stage_models import StageInfo, deepest_stage, discover_stages
 from raglora.errors import RagloraError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -92,8 +92,8 @@ def test_adapters_load_with_peft_and_the_chain_reproduces_stage_outputs(trained_
         merged = AutoModelForCausalLM.from_pretrained(out).eval()
         torch.testing.assert_close(merged(input_ids=IDS).logits, expected, rtol=1e-4, atol=1e-5)
         assert json.loads((out / "raglora_merge.json").read_text())["stages"] == ["general", "domain", "subdomain"]
-        # serving: one base, every stage adapter attached, switched per request (pipeline.generate.StageModels)
-        from pipeline.generate import StageModels
+        # serving: one base, every stage adapter attached, switched per request (pipeline.stage_models.StageModels)
+        from pipeline.stage_models import StageModels
 
         base, tok = load_for_inference(str(tiny_base), adapters, None, cache_dir=tmp_path, device="cpu")
         multi = StageModels(base, tok, adapters, strategy="stack")
