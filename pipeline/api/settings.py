@@ -24,15 +24,43 @@ class ServeConfig(BaseModel):
     max_message_chars: int = Field(4000, ge=1)
     max_messages: int = Field(50, ge=1)
     db_path: str = "artifacts/conversations.db"
-    # Dynamic batching: a worker collects up to max_batch_size requests within batch_wait_ms.
+    # The conversation store as an SQLAlchemy URL: None = SQLite at db_path; "postgresql+psycopg://user@host/db"
+    # for several API replicas sharing one store.
+    db_url: str | None = None
+    # Continuous batching (pipeline.generate): requests join the running batch between decode steps, up to
+    # max_batch_size rows; batch_wait_ms is how long an idle worker waits for company before it starts.
     batching: bool = True
     batch_wait_ms: float = Field(10.0, ge=0)
     max_batch_size: int = Field(8, ge=1)
+    # A joining prompt is prefilled in chunks of at most this many tokens between decode steps, so running
+    # streams stall for at most one chunk's work.
+    prefill_chunk_tokens: int = Field(256, ge=16)
     # Stage adapters: "merged" keeps one pre-merged copy per stage (fastest per token: ~1.5x the decode speed
     # of stacking r=16 adapters on CPU, but one model copy per stage in memory and a slower start); "stack"
     # activates the parents' adapters with the stage's own on one shared base (identical outputs for LoRA,
     # one copy in memory, ~20 ms set_adapter per switch).
-    adapter_strategy: Literal["stack", "merged"] = "merged"
+    # "cumulative": one base plus, per stage, one LoRA equal to its whole chain (pipeline.stage_models); rows of
+    # different stages share a batch.
+    adapter_strategy: Literal["stack", "merged", "cumulative"] = "merged"
+    # Token generation: "local" (the built-in engine above) or "openai": any OpenAI-compatible engine at
+    # upstream_url (vLLM with the adapters of `raglora export`, llama.cpp server, TGI, SGLang) gets the prompt
+    # that our chat template rendered at /v1/completions; retrieval, citations, the gate, hand-off,
+    # conversations, auth and rate limits stay here.
+    generator: Literal["local", "openai"] = "local"
+    upstream_url: str | None = None  # e.g. http://gpu-box:8000/v1
+    upstream_api_key: str | None = None  # RAGLORA_UPSTREAM_API_KEY overrides
+    # stage -> the upstream's model name for it (default: the stage's own name, as `--lora-modules stage=...`);
+    # upstream_base_model is the name of the plain base (base and rag modes); None: the upstream's first model.
+    upstream_models: dict[str, str] = {}
+    upstream_base_model: str | None = None
+    upstream_timeout_s: float = Field(120.0, gt=0)
+    # "ids": send the prompt as token ids (exact: vLLM, llama.cpp server, SGLang); "text": as the rendered string
+    # (TGI); either way it is our chat template's rendering, never the upstream's.
+    upstream_prompt: Literal["ids", "text"] = "ids"
+    # A client's own system/developer messages: "append" adds them after the project's system prompt (which keeps
+    # precedence), cut to max_client_system_chars; "reject" answers 400.
+    client_system: Literal["append", "reject"] = "append"
+    max_client_system_chars: int = Field(2000, ge=0)
     # Answerability: with `gate` on, a gate fitted by `raglora gate` (paths.gate_dir) decides whether
     # retrieval found something to answer from; without a fitted gate (or with gate: false) the fallback is
     # handoff_threshold: hand over when the best dense cosine similarity of the retrieved passages is below it.
@@ -63,6 +91,8 @@ class ServeConfig(BaseModel):
     def _limits(self) -> ServeConfig:
         if self.max_new_tokens_default > self.max_new_tokens_limit:
             raise ValueError("max_new_tokens_default must not exceed max_new_tokens_limit")
+        if self.generator == "openai" and not self.upstream_url:
+            raise ValueError("generator: openai needs upstream_url (e.g. http://gpu-box:8000/v1)")
         return self
 
     def resolved_api_keys(self) -> list[str]:
