@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup data index gate search finetune merge serve chat eval demo test test-slow reliability lint format clean retrieval-quality bench bench-quick bench-train bench-generation bench-retrieval bench-api bench-e2e
+.PHONY: setup data index gate search finetune merge serve chat eval demo test test-slow reliability lint format clean retrieval-quality bench bench-quick bench-train bench-generation bench-strategies bench-retrieval bench-api bench-e2e
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -96,6 +96,10 @@ bench-train: index
 
 bench-generation: setup
 	$(PY) -m bench.run_all --only generation $(BENCH_ARGS)
+
+# merged vs stack vs cumulative stage adapters: memory, load time, decode speed (each in a fresh process)
+bench-strategies: setup
+	$(PY) -m bench.run_all --only adapter_strategies $(BENCH_ARGS)
 
 bench-retrieval: setup
 	$(PY) -m bench.run_all --only retrieval $(BENCH_ARGS)

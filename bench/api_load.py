@@ -1,7 +1,8 @@
 """Chat API under load: a real uvicorn server (bench/serve_app.py, 127.0.0.1 only) and a bounded streaming load
-generator with 1, 4 and 16 concurrent clients and a fixed number of requests per level, dynamic batching on vs off.
+generator with 1, 8 and 16 concurrent clients and a fixed number of requests per level, continuous batching on vs
+off, side by side in one run (same model, prompts and adapter strategy).
 
-    .venv/bin/python -m bench.api_load [--quick] [--requests 16] [--tokens 16] [--adapters artifacts/adapters]
+    .venv/bin/python -m bench.api_load [--quick] [--requests 32] [--tokens 32] [--adapters artifacts/adapters]
         [--index artifacts/index] [--base packaged:smollm2-135m-instruct] [--cache-dir artifacts/base]
 
 Each request is `POST /v1/chat/completions` with `stream: true` and a held-out FAQ question (default model:
@@ -67,6 +68,8 @@ class Server:
         ]  # fmt: skip
         if args.threads:
             self.cmd += ["--threads", str(args.threads)]
+        if args.adapter_strategy:
+            self.cmd += ["--adapter-strategy", args.adapter_strategy]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
@@ -178,21 +181,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapters", default=DEFAULT_ADAPTERS, help="'none' for no stage adapters (ignored by --quick)")
     ap.add_argument("--index", default=DEFAULT_INDEX, help="'none' for no retrieval")
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--clients", default="1,8,16")
     ap.add_argument(
         "--requests",
         type=int,
         default=None,
-        help="requests per concurrency level, at least one per client (default 16, quick 8)",
+        help="requests per concurrency level, at least one per client (default 32, quick 8)",
     )
-    ap.add_argument("--tokens", type=int, default=None, help="max_tokens per request (default 16, quick 8)")
+    ap.add_argument("--tokens", type=int, default=None, help="max_tokens per request (default 32, quick 8)")
     ap.add_argument("--batching", default="on,off", help="server settings to run: on,off (default both)")
-    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--adapter-strategy", default=None, help="serve.adapter_strategy (default: the config's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", default="reports/bench")
     args = ap.parse_args(argv)
-    n_req = args.requests or (8 if args.quick else 16)
-    tokens = args.tokens or (8 if args.quick else 16)
+    n_req = args.requests or (8 if args.quick else 32)
+    tokens = args.tokens or (8 if args.quick else 32)
     levels = [int(c) for c in args.clients.split(",")]
     questions = eval_questions(args.data_dir, 200)
     workdir = Path(tempfile.mkdtemp(prefix="raglora-bench-api-"))
@@ -228,9 +232,20 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([key, c, r["requests"], r["errors"], r["requests_per_s"], r["ttft_p50_ms"], r["ttft_p95_ms"],
                          r["latency_p50_ms"], r["latency_p95_ms"]])  # fmt: skip
     top = max(levels)
-    speedup = ratio(
-        results.get(f"on/{top}", {}).get("requests_per_s"), results.get(f"off/{top}", {}).get("requests_per_s")
-    )
+    goals = {}
+    for c in levels:
+        on, off = results.get(f"on/{c}"), results.get(f"off/{c}")
+        if on and off and c > 1:
+            goals[c] = {
+                "speedup": ratio(on["requests_per_s"], off["requests_per_s"]),
+                "ttft_p50_on_vs_off": ratio(on["ttft_p50_ms"], off["ttft_p50_ms"]),
+            }
+            goals[c]["met"] = bool(
+                (goals[c]["speedup"] or 0) >= 3.0
+                and (goals[c]["ttft_p50_on_vs_off"] or 9) <= 1.0
+                and on["errors"] == off["errors"] == 0
+            )
+    speedup = goals.get(top, {}).get("speedup")
     title = (
         f"Chat API under load ({args.base}, model {health.get('default_model')}, index "
         f"{'yes' if health.get('index_loaded') else 'no'}, {n_req} streaming requests per level, max_tokens {tokens})"
@@ -241,14 +256,26 @@ def main(argv: list[str] | None = None) -> int:
             ["batching", "clients", "requests", "errors", "req/s", "TTFT p50 ms", "TTFT p95 ms", "p50 ms", "p95 ms"],
             rows,
         )
-        + f"\n\nDynamic batching on/off at {top} clients: **{speedup}x** requests/s. Errors: {total_errors} "
+        + "\n\n"
+        + " ".join(
+            f"At {c} clients: batching on/off **{g['speedup']}x** requests/s, TTFT p50 on/off {g['ttft_p50_on_vs_off']}x "
+            f"(goal >= 3x and <= 1x: {'met' if g['met'] else 'NOT met'})."
+            for c, g in goals.items()
+        )
+        + f" Errors: {total_errors} "
         f"(must be 0). Server start (model + adapters + index): {servers[first]['startup_s']} s; server peak RSS: "
         f"{rss}."
     }
     write_report(
         "api_load",
         args=vars(args) | {"requests": n_req, "tokens": tokens},
-        results={"levels": results, "servers": servers, "errors_total": total_errors, "batching_speedup": speedup},
+        results={
+            "levels": results,
+            "servers": servers,
+            "errors_total": total_errors,
+            "batching_speedup": speedup,
+            "goals": goals,
+        },
         tables=tables,
         out_dir=args.out_dir,
     )

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from bench.common import DEFAULT_ADAPTERS, DEFAULT_CACHE, DEFAULT_INDEX, child_env, machine_info, md_table
 
-BENCHMARKS = ("train_throughput", "generation", "retrieval", "api_load", "end_to_end")
+BENCHMARKS = ("train_throughput", "generation", "adapter_strategies", "retrieval", "api_load", "end_to_end")
 #: which shared flags each benchmark takes
 FLAGS = {
     "train_throughput": ("cache_dir", "index"),
     "generation": ("cache_dir", "adapters"),
+    "adapter_strategies": ("cache_dir", "adapters"),
     "retrieval": (),
     "api_load": ("cache_dir", "adapters", "index"),
     "end_to_end": ("cache_dir",),
@@ -57,6 +58,12 @@ def headlines(reports: dict) -> list[str]:
         )
         lat = ", ".join(f"{k} {v['decode_vs_base']}x" for k, v in gen["latency"].items() if "base" not in k)
         out.append(f"Decode latency per token relative to the base model: {lat}")
+    strategies = reports.get("adapter_strategies", {}).get("results", {}).get("strategies")
+    if strategies:
+        out.append(
+            "Adapter strategies (RSS after load MB / decode vs merged): "
+            + ", ".join(f"{k} {v['rss_mb']} / {v['decode_vs_merged']}x" for k, v in strategies.items())
+        )
     ret = reports.get("retrieval", {}).get("results", {})
     if "build" in ret:
         out.append(f"Index build at {ret['build']['ours_fraction_of_ceiling']}x the raw encode ceiling (chunks/s)")

@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--index", required=True)
     ap.add_argument("--batching", choices=["on", "off"], default="on")
     ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--adapter-strategy", default=None)
     ap.add_argument("--db", required=True)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -46,6 +47,8 @@ def main() -> None:
         "serve.handoff_threshold": None,  # measure generation, not the fixed hand-off reply
         "serve.log_level": "WARNING",
     }
+    if args.adapter_strategy:
+        overrides["serve.adapter_strategy"] = args.adapter_strategy
     cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     app = create_app(cfg)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

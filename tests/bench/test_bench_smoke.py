@@ -63,6 +63,21 @@ def test_generation(tiny, tmp_path):
     assert len(res["latency"]) == 4
 
 
+def test_adapter_strategies(tiny, tmp_path):
+    from bench import adapter_strategies
+
+    argv = ["--base", tiny, "--adapters", str(tmp_path / "none"), "--questions", "2", "--tokens", "3",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert adapter_strategies.main(argv) == 0
+    rows = _report(tmp_path, "adapter_strategies")["results"]["strategies"]
+    assert set(rows) == {"merged", "stack", "cumulative"}
+    # one model copy per stage for merged (3 stages + the base), one base for the others
+    assert rows["merged"]["tensor_mb"] > 2.5 * rows["cumulative"]["tensor_mb"]
+    assert rows["stack"]["tensor_mb"] < 1.5 * rows["cumulative"]["tensor_mb"]
+    for r in rows.values():
+        assert r["same_answers_as_merged"] == 2 and r["decode_ms_per_token"] > 0
+
+
 class _FakeST:
     def __init__(self, emb: FakeEmbedder):
         self.emb = emb
