@@ -4,8 +4,10 @@ order, and `StageModels`, which loads the base once and serves any stage without
 Stage N's adapter was trained on base + merged earlier stages (its manifest's `parents`); for LoRA that is exactly
 the base with the parents' and the stage's adapters active together (each adds its own low-rank delta to the same
 linear layers), so the `stack` strategy activates `[*parents, stage]` on the shared base. The `merged` strategy
-instead keeps one pre-merged copy per stage (more memory, no LoRA overhead per token). Base modes run under
-`disable_adapter()`.
+instead keeps one pre-merged copy per stage (more memory, no LoRA overhead per token). The `cumulative` strategy
+loads one adapter per stage that already is its whole chain (`finetune.export.cumulative_adapter`: the chain's
+factors concatenated), so rows of different stages can share one forward through PEFT's mixed-batch
+`adapter_names` (`use_rows`). Base modes run under `disable_adapter()` (or as `"__base__"` rows).
 """
 
 from __future__ import annotations
@@ -107,6 +109,10 @@ def deepest_stage(stages: list[StageInfo]) -> str | None:
     return min(depth, key=lambda name: (-depth[name], name)) if depth else None
 
 
+STRATEGIES = ("stack", "merged", "cumulative")
+BASE_ROW = "__base__"  # PEFT's adapter name for rows that run on the plain base in a mixed batch
+
+
 class StageModels:
     """The base model plus every stage adapter, loaded once; `use(stage)` switches without reloading.
 
@@ -122,8 +128,8 @@ class StageModels:
         strategy: str = "stack",
         stages: list[StageInfo] | None = None,
     ):
-        if strategy not in ("stack", "merged"):
-            raise RagloraError(f"adapter strategy must be 'stack' or 'merged', got {strategy!r}")
+        if strategy not in STRATEGIES:
+            raise RagloraError(f"adapter strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         self.tokenizer = tokenizer
         self.strategy = strategy
         found = order_stages(stages) if stages else discover_stages(adapters_dir)
@@ -140,13 +146,16 @@ class StageModels:
         for info in self.stages.values():
             if info.method not in ("lora", "ia3"):
                 raise RagloraError(f"stage {info.name}: serving {info.method} stages is not supported (LoRA/IA3 only)")
-            if strategy == "stack" and (info.method != "lora" or info.dora):
+            if strategy in ("stack", "cumulative") and (info.method != "lora" or info.dora):
+                verb = "stacked per request" if strategy == "stack" else "served as cumulative adapters"
                 raise RagloraError(
                     f"stage {info.name} is {'DoRA' if info.dora else info.method}: only plain LoRA stages can be "
-                    "stacked per request; set serve.adapter_strategy=merged"
+                    f"{verb}; set serve.adapter_strategy=merged"
                 )
         if strategy == "stack":
             self.peft = self._load_stacked(model)
+        elif strategy == "cumulative":
+            self.peft = self._load_cumulative(model)
         else:
             self.merged = {name: self._load_merged(model, info) for name, info in self.stages.items()}
 
@@ -168,6 +177,35 @@ class StageModels:
                 raise RagloraError(f"cannot load stage adapter {info.path}: {exc}") from None
             self.adapter_loads += 1
         peft_model.eval()
+        return peft_model
+
+    def _load_cumulative(self, model):
+        """One PEFT adapter per stage, each the whole chain of that stage (built in memory, no export folder)."""
+        from peft import get_peft_model
+        from peft.utils import set_peft_model_state_dict
+
+        from finetune.export import cumulative_adapter
+
+        peft_model = None
+        for info in self.stages.values():
+            cum = cumulative_adapter(info.path.parent, info.name)
+            name = self.adapter_name(info.name)
+            try:
+                if peft_model is None:
+                    peft_model = get_peft_model(model, cum.config, adapter_name=name)
+                else:
+                    peft_model.add_adapter(name, cum.config)
+                result = set_peft_model_state_dict(peft_model, cum.state, adapter_name=name)
+            except (OSError, ValueError, RuntimeError, KeyError) as exc:
+                raise RagloraError(f"cannot load the cumulative adapter of stage {info.name}: {exc}") from None
+            missing = [k for k in result.unexpected_keys if "lora_" in k]
+            if missing:
+                raise RagloraError(
+                    f"cumulative adapter of stage {info.name} names modules the base model lacks: {missing[0]}"
+                )
+            self.adapter_loads += 1
+        peft_model.eval()
+        self._active = None
         return peft_model
 
     def _load_merged(self, model, info: StageInfo):
@@ -227,12 +265,41 @@ class StageModels:
         if self.strategy == "merged":
             yield self.merged[stage]
             return
-        chain = self.stages[stage].chain
+        chain = self.stages[stage].chain if self.strategy == "stack" else (stage,)
         if self._active != chain:
             self.peft.base_model.set_adapter([self.adapter_name(s) for s in chain], inference_mode=True)
             self._active = chain
             self.switches += 1
         yield self.peft
 
+    @property
+    def mixes_stages(self) -> bool:
+        """True when rows of different stages can share one forward (`use_rows`): only the cumulative strategy,
+        where every stage is one adapter on the same base (stacked chains overlap, merged copies are separate)."""
+        return self.strategy == "cumulative" and self.peft is not None
 
-__all__ = ["StageInfo", "StageModels", "deepest_stage", "discover_stages", "order_stages"]
+    @contextlib.contextmanager
+    def use_rows(self, stages: list[str | None]):
+        """Yield (module, forward_kwargs) to run one forward over rows whose stages are `stages` (None: base).
+
+        cumulative with mixed stages: (peft model, {"adapter_names": [adapter name or "__base__" per row]}), PEFT's
+        mixed-batch forward. Rows all of one stage (any strategy) run as `use(stage)` with no extra kwargs, the
+        cheaper path with the same result; other strategies refuse mixed rows.
+        """
+        if not stages:
+            raise RagloraError("use_rows: no rows")
+        for stage in set(stages):
+            self.check_stage(stage)
+        if len(set(stages)) == 1:
+            with self.use(stages[0]) as module:
+                yield module, {}
+            return
+        if not self.mixes_stages:
+            raise RagloraError(
+                f"adapter strategy {self.strategy!r} runs one stage per forward, got rows of "
+                f"{', '.join(sorted(str(s) for s in set(stages)))}"
+            )
+        yield self.peft, {"adapter_names": [BASE_ROW if s is None else self.adapter_name(s) for s in stages]}
+
+
+__all__ = ["BASE_ROW", "STRATEGIES", "StageInfo", "StageModels", "deepest_stage", "discover_stages", "order_stages"]
