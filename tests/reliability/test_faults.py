@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from helpers import FAQ_ROWS, chat_body, make_index, make_service, serve_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
 
 from pipeline.api.app import create_app
 from pipeline.cli import main as cli_main
@@ -332,8 +333,9 @@ def test_the_server_refuses_to_start_on_a_damaged_database(tmp_path):
 
 def _fill_up(store: ConversationStore) -> None:
     """Make the database full, exactly as a full disk does: SQLite then fails writes with SQLITE_FULL."""
-    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
-    store._db.execute(f"PRAGMA max_page_count={pages}")
+    with store.engine.connect() as conn:  # SQLite stores use one connection, so the limit stays on it
+        pages = conn.exec_driver_sql("PRAGMA page_count").scalar()
+        conn.exec_driver_sql(f"PRAGMA max_page_count={pages}")
 
 
 def test_disk_full_in_the_store_is_a_store_error_and_keeps_earlier_data(tmp_path):
@@ -351,19 +353,10 @@ def test_disk_full_in_the_store_is_a_store_error_and_keeps_earlier_data(tmp_path
         assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-class _FullDisk:
-    """Stands in for the store's sqlite3 connection: reads pass, every INSERT fails as on a full disk."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-
-    def execute(self, sql, *args):
-        if sql.lstrip().upper().startswith("INSERT"):
-            raise sqlite3.OperationalError("database or disk is full")
-        return self._db.execute(sql, *args)
-
-    def __getattr__(self, name):
-        return getattr(self._db, name)
+def _fail_inserts(conn, cursor, statement, parameters, context, executemany):
+    """A `before_cursor_execute` hook on the store's engine: reads pass, every INSERT fails as on a full disk."""
+    if statement.lstrip().upper().startswith("INSERT"):
+        raise sqlite3.OperationalError("database or disk is full")
 
 
 def test_disk_full_through_the_api_is_a_503_and_earlier_conversations_stay_readable(tmp_path):
@@ -375,7 +368,7 @@ def test_disk_full_through_the_api_is_a_503_and_earlier_conversations_stay_reada
         first = client.post("/v1/chat/completions", json=chat_body(conversation_id="before-full"), headers=auth)
         assert first.status_code == 200
         stored = client.get("/v1/conversations/before-full", headers=auth).json()
-        service.store._db = _FullDisk(service.store._db)
+        event.listen(service.store.engine, "before_cursor_execute", _fail_inserts)
         for stream in (False, True):  # a new conversation cannot even be opened: 503 before any answer
             r = client.post("/v1/chat/completions", json=chat_body(stream=stream), headers=auth)
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
@@ -389,6 +382,6 @@ def test_disk_full_through_the_api_is_a_503_and_earlier_conversations_stay_reada
         assert '"finish_reason": "stop"' not in r.text  # no acknowledgement of an unsaved turn
         again = client.get("/v1/conversations/before-full", headers=auth)
         assert again.status_code == 200 and again.json()["messages"] == stored["messages"]
-        service.store._db = service.store._db._db
+        event.remove(service.store.engine, "before_cursor_execute", _fail_inserts)
         assert client.post("/v1/chat/completions", json=chat_body(), headers=auth).status_code == 200  # recovers
     service.close()
