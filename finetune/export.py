@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,17 +71,24 @@ def _read_adapter_config(folder: Path, stage: str) -> dict:
     return data
 
 
-def _check_exportable(stage: str, manifest: dict, cfg: dict) -> None:
-    """One line naming why a stage cannot be part of a cumulative LoRA."""
+def _check_method(stage: str, manifest: dict) -> None:
+    """What the manifest says: full fine-tunes and non-LoRA methods have no low-rank factors to concatenate."""
     method = str(manifest.get("method", "lora"))
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if method == "full":
         raise RagloraError(f"stage {stage} is a full fine-tune: only LoRA stages can be exported as a LoRA adapter")
-    if method != "lora" or peft_type != "LORA":
-        what = method if method != "lora" else peft_type.lower()
-        raise RagloraError(f"stage {stage} is {what}: only plain LoRA stages can be exported as a cumulative LoRA")
+    if method != "lora":
+        raise RagloraError(f"stage {stage} is {method}: only plain LoRA stages can be exported as a cumulative LoRA")
     if (manifest.get("lora") or {}).get("use_dora"):
         raise RagloraError(f"stage {stage} uses DoRA: only plain LoRA stages can be exported as a cumulative LoRA")
+
+
+def _check_config(stage: str, cfg: dict) -> None:
+    """What the PEFT config says (a folder without a raglora manifest entry is checked too)."""
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise RagloraError(
+            f"stage {stage} is {peft_type.lower()}: only plain LoRA stages can be exported as a cumulative LoRA"
+        )
     for key, what in _REFUSED_FIELDS.items():
         if cfg.get(key):
             raise RagloraError(
@@ -161,11 +169,13 @@ def cumulative_adapter(adapters_dir: str | Path, stage: str) -> Cumulative:
     if len(set(bases.values())) > 1:
         listed = ", ".join(f"{s}: {b}" for s, b in bases.items())
         raise RagloraError(f"stage {stage}: its chain was trained on different base models ({listed}); retrain it")
+    for s in chain:
+        _check_method(s, manifests[s])
     members = []  # (stage, {(module, kind): (A, B)}, config)
     for s in chain:
         folder = stage_dir(adapters_dir, s)
         cfg = _read_adapter_config(folder, s)
-        _check_exportable(s, manifests[s], cfg)
+        _check_config(s, cfg)
         try:
             state = load_peft_weights(str(folder), device="cpu")
         except (OSError, ValueError, RuntimeError) as exc:
@@ -228,12 +238,19 @@ def _trained_stages(adapters_dir: Path) -> list[str]:
     return [s.name for s in discover_stages(adapters_dir)]
 
 
-def export_stages(adapters_dir: str | Path, stages: list[str] | None, out_dir: str | Path, *, base: str | None) -> Path:
+def export_stages(
+    adapters_dir: str | Path,
+    stages: list[str] | None,
+    out_dir: str | Path,
+    *,
+    base: str | None,
+    on_stage: Callable[[str, tuple[str, ...], int], None] | None = None,
+) -> Path:
     """Write `<out>/<stage>/` (adapter_config.json, adapter_model.safetensors, raglora_export.json) per stage, each
     folder replaced atomically, and `<out>/manifest.json` listing every stage exported there.
 
     `stages` None: every trained stage. `base`: the base model the config names; a chain trained on another base
-    is refused.
+    is refused. `on_stage(stage, chain, rank)` is called after each folder is in place (progress lines).
     """
     from safetensors.torch import save_file
 
@@ -268,7 +285,6 @@ def export_stages(adapters_dir: str | Path, stages: list[str] | None, out_dir: s
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir(parents=True)
-            c.config.base_model_name_or_path = base or c.base or c.config.base_model_name_or_path
             c.config.save_pretrained(str(tmp))
             save_file(c.state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             weights = hashlib.sha256((tmp / "adapter_model.safetensors").read_bytes()).hexdigest()
@@ -285,6 +301,8 @@ def export_stages(adapters_dir: str | Path, stages: list[str] | None, out_dir: s
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         listing["stages"][stage] = {"chain": list(c.chain), "rank": c.rank, "adapter_sha256": weights}
+        if on_stage:
+            on_stage(stage, c.chain, c.rank)
     listing["base"] = base or built[0].base
     atomic_write_text(listing_path, json.dumps(listing, indent=2, sort_keys=True) + "\n")
     return out

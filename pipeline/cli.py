@@ -241,6 +241,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import export_stages
+
+    cfg = _config(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    out = Path(args.out or Path(cfg.paths.artifacts_dir) / "export")
+    done = export_stages(
+        cfg.paths.adapters_dir,
+        stages,
+        out,
+        base=cfg.model.base,
+        on_stage=lambda stage, chain, rank: print(f"  {stage}: chain {' -> '.join(chain)}, rank {rank}"),
+    )
+    print(f"cumulative LoRA adapters written to {done}/ (one folder per stage, on base {cfg.model.base})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipeline.api.app import run_server
 
@@ -338,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated stages to merge, in order (default: serving's default stage and its chain)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+    p = add(
+        "export",
+        cmd_export,
+        "Write one standard LoRA adapter per stage on the plain base, equal to its merged chain (PEFT, vLLM).",
+    )
+    p.add_argument("--stages", help="comma-separated stages to export (default: every trained stage)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: <paths.artifacts_dir>/export)")
 
     p = add("serve", cmd_serve, "Serve the OpenAI-compatible chat API and the chat page.")
     p.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
