@@ -101,8 +101,8 @@ def _check_config(stage: str, cfg: dict) -> None:
 
 
 def _scale(cfg: dict, module: str, rank: int) -> float:
-    """PEFT's scaling for one module: alpha / r (or alpha / sqrt(r) with rsLoRA), honouring alpha_pattern; the
-    rank is read from the saved tensor, so rank_pattern needs no lookup."""
+    """PEFT's scaling for one module: alpha / r (or alpha / sqrt(r) with rsLoRA), honouring alpha_pattern; `rank`
+    is the module's saved tensor's, so rank_pattern needs no lookup."""
     from peft.utils.other import get_pattern_key
 
     alpha = float(cfg.get("lora_alpha", 8))
@@ -182,14 +182,11 @@ def cumulative_adapter(adapters_dir: str | Path, stage: str) -> Cumulative:
             raise RagloraError(f"stage {s}: cannot read adapter weights in {folder}: {exc}") from None
         members.append((s, _factors(state, s), cfg))
     modules = sorted({key for _, factors, _ in members for key in factors})
-    ranks = []
+    ranks = []  # each stage's block width: its largest module rank (rank_pattern: smaller ones are zero-padded)
     for s, factors, _ in members:
-        rs = {a.shape[0] for a, _ in factors.values()}
-        if len(rs) > 1:
-            raise RagloraError(f"stage {s}: modules of different ranks (rank_pattern) cannot be exported yet")
-        if not rs:
+        if not factors:
             raise RagloraError(f"stage {s}: its adapter has no LoRA weights")
-        ranks.append(rs.pop())
+        ranks.append(max(a.shape[0] for a, _ in factors.values()))
     rank = sum(ranks)
     state: dict[str, torch.Tensor] = {}
     for module, kind in modules:
@@ -204,8 +201,10 @@ def cumulative_adapter(adapters_dir: str | Path, stage: str) -> Cumulative:
                         f"stage {s}: module {module} has shapes {tuple(a.shape)}/{tuple(b.shape)} unlike the rest of "
                         "its chain; was it trained on another base model?"
                     )
-                a_parts.append(a.float())
-                b_parts.append(b.float() * _scale(cfg, module, r))
+                pad = r - a.shape[0]
+                a_parts += [a.float(), a_ref.new_zeros((pad, *a_ref.shape[1:]), dtype=torch.float32)]
+                b = b.float() * _scale(cfg, module, a.shape[0])
+                b_parts += [b, b_ref.new_zeros((b_ref.shape[0], pad, *b_ref.shape[2:]), dtype=torch.float32)]
             else:  # not targeted by this stage: zero factors keep the rank uniform
                 a_parts.append(a_ref.new_zeros((r, *a_ref.shape[1:]), dtype=torch.float32))
                 b_parts.append(b_ref.new_zeros((b_ref.shape[0], r, *b_ref.shape[2:]), dtype=torch.float32))

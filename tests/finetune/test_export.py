@@ -110,18 +110,21 @@ def test_a_continued_adapter_is_exported_once_not_stacked_on_the_stage_it_contin
 def test_stages_on_different_modules_ranks_and_scalings_are_zero_padded_to_one_rank(tiny_base, tmp_path):
     adapters = tmp_path / "adapters"
     _hand_stage(adapters, tiny_base, "a", [], _lora(), seed=1)
-    _hand_stage(adapters, tiny_base, "b", ["a"], _lora(r=2, lora_alpha=3, use_rslora=True, target_modules=["down_proj", "q_proj"]), seed=2)  # fmt: skip
-    _hand_stage(
-        adapters, tiny_base, "c", ["a", "b"],
-        _lora(r=3, lora_alpha=5, target_modules=["o_proj", "v_proj"], alpha_pattern={"o_proj": 11}), seed=3,
-    )  # fmt: skip
+    b = _lora(r=2, lora_alpha=3, use_rslora=True, target_modules=["down_proj", "q_proj"])
+    _hand_stage(adapters, tiny_base, "b", ["a"], b, seed=2)
+    c = _lora(
+        r=3, lora_alpha=5, target_modules=["o_proj", "v_proj"], alpha_pattern={"o_proj": 11}, rank_pattern={"o_proj": 5}
+    )
+    _hand_stage(adapters, tiny_base, "c", ["a", "b"], c, seed=3)
     cum = cumulative_adapter(adapters, "c")
-    assert cum.rank == 4 + 2 + 3 and cum.chain == ("a", "b", "c")
+    assert cum.rank == 4 + 2 + 5 and cum.chain == ("a", "b", "c")  # c's block: its largest rank (o_proj's 5)
     assert sorted(cum.config.target_modules) == ["down_proj", "o_proj", "q_proj", "v_proj"]
     b_key = next(k for k in cum.state if k.endswith("layers.0.mlp.down_proj.lora_B.weight"))
     a_key = b_key.replace("lora_B", "lora_A")
     assert cum.state[b_key][:, :4].abs().sum() == 0 and cum.state[b_key][:, 4:6].abs().sum() > 0  # a: zeros
     assert cum.state[a_key][6:].abs().sum() == 0  # c does not target down_proj either
+    v_a = cum.state[next(k for k in cum.state if k.endswith("layers.0.self_attn.v_proj.lora_A.weight"))]
+    assert v_a[6:9].abs().sum() > 0 and v_a[9:].abs().sum() == 0  # c's v_proj has rank 3 of its block's 5
     out = export_stages(adapters, ["b", "c"], tmp_path / "export", base=str(tiny_base))
     for stage, chain in {"b": ["a", "b"], "c": ["a", "b", "c"]}.items():
         expected = _merged_logits(tiny_base, adapters, chain, tmp_path)
