@@ -92,8 +92,9 @@ class Extension(BaseModel):
     `citations`: the passages the shown answer cites as [n] ({"n", "source", "title", "chunk_id", "text", "score",
     "relevance"}); `unsupported`: answer sentences no passage supports; `rejected_citations`: [n] markers the model
     wrote that the judge rejected; `handoff`: {"ticket_id", "reason"} when the turn went to a person; `gate`: the
-    answerability gate's decision, when one is fitted; `text` (last stream chunk only): the answer as shown and
-    stored, when it differs from the streamed tokens.
+    answerability gate's decision, when one is fitted; `client_system`: how much of the client's own system/developer
+    messages went into the prompt ({"messages", "chars", "truncated"}; None when it sent none); `text` (last stream
+    chunk only): the answer as shown and stored, when it differs from the streamed tokens.
     """
 
     conversation_id: str | None
@@ -104,6 +105,7 @@ class Extension(BaseModel):
     rejected_citations: list[int] = []
     handoff: dict[str, Any] | None
     gate: dict[str, Any] | None = None
+    client_system: dict[str, Any] | None = None
     timing: dict[str, Any]
     text: str | None = None
 
@@ -160,7 +162,7 @@ class Health(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the OpenAI-shaped error body, so the schema documents every error."""
     text = {
-        400: "Malformed request (not JSON, or a request the model cannot take)",
+        400: "Malformed request (not JSON, a request the model cannot take, or system messages the server refuses)",
         401: "Missing or invalid API key",
         404: "Unknown model or conversation",
         413: "Request body too large",

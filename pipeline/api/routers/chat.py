@@ -64,6 +64,27 @@ def _check_limits(body: ChatRequest, settings: ServeConfig) -> int:
     return max_tokens
 
 
+def _client_system(body: ChatRequest, settings: ServeConfig) -> list[str]:
+    """The texts of the client's system/developer messages for the prompt, or a 400 when the server refuses them.
+
+    Never dropped silently: `serve.client_system: append` puts them under the project's own system prompt
+    (AnswerService.prepare), `reject` answers 400 naming the first one. Empty ones carry nothing and are skipped.
+    """
+    found = [(i, m) for i, m in enumerate(body.messages) if m.role in ("system", "developer") and m.text().strip()]
+    if not found:
+        return []
+    i, first = found[0]
+    if settings.client_system == "reject" or settings.max_client_system_chars == 0:
+        raise ApiError(
+            f"messages[{i}] has role {first.role!r}: this server does not accept system or developer messages from "
+            "clients; put the instruction in the user message",
+            400,
+            code="client_system_not_allowed",
+            param=f"messages.{i}.role",
+        )
+    return [m.text() for _, m in found]
+
+
 def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -152,6 +173,7 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     t0 = time.perf_counter()
     max_tokens = _check_limits(body, settings)
+    client_system = _client_system(body, settings)
     mode, stage = service.resolve_model(body.model)
     params = SamplingParams(
         max_new_tokens=max_tokens,
@@ -172,7 +194,16 @@ async def chat_completions(
         # A client that sends only the new message of a known conversation gets the stored history.
         if not hist and conversation_id is not None and cid == conversation_id:
             hist = service.stored_history(cid)
-        return cid, hist, service.prepare(question, hist, mode=mode, stage=stage, max_new_tokens=max_tokens)
+        prepared = service.prepare(
+            question,
+            hist,
+            mode=mode,
+            stage=stage,
+            max_new_tokens=max_tokens,
+            client_system=client_system,
+            max_client_system_chars=settings.max_client_system_chars,
+        )
+        return cid, hist, prepared
 
     cid, history, prepared = await asyncio.to_thread(prepare)
     loop = asyncio.get_running_loop()
