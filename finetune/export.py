@@ -135,24 +135,34 @@ def _factors(state: dict[str, torch.Tensor], stage: str) -> dict[tuple[str, int]
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
-def _chain(adapters_dir: Path, stage: str) -> tuple[list[str], dict[str, dict]]:
+def _manifest(adapters_dir: Path, stage: str) -> dict:
+    """The stage's manifest; a bare PEFT folder (no manifest.json) reads as a first stage, as serving reads it."""
     from finetune.model import read_manifest, stage_dir
+
+    folder = stage_dir(adapters_dir, stage)
+    if not (folder / "manifest.json").is_file() and (folder / "adapter_config.json").is_file():
+        return {}
+    return read_manifest(adapters_dir, stage)
+
+
+def _chain(adapters_dir: Path, stage: str) -> tuple[list[str], dict[str, dict]]:
+    from finetune.model import stage_dir
 
     if not stage_dir(adapters_dir, stage).is_dir():
         raise RagloraError(f"stage {stage!r} has no adapter under {adapters_dir}: train it first")
-    manifest = read_manifest(adapters_dir, stage)
+    manifest = _manifest(adapters_dir, stage)
     parents = manifest.get("parents") or []
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise RagloraError(f"{stage_dir(adapters_dir, stage) / 'manifest.json'}: parents must be a list of stage names")
     chain = [*parents, stage]
     manifests = {stage: manifest}
     for p in parents:
-        if not (stage_dir(adapters_dir, p) / "manifest.json").is_file():
+        if not stage_dir(adapters_dir, p).is_dir():
             raise RagloraError(
                 f"stage {stage} was trained on top of {p}, which is not under {adapters_dir}: "
                 f"train it first (raglora finetune --stages {p})"
             )
-        manifests[p] = read_manifest(adapters_dir, p)
+        manifests[p] = _manifest(adapters_dir, p)
     return chain, manifests
 
 
