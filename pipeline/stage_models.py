@@ -198,14 +198,13 @@ class StageModels:
                 result = set_peft_model_state_dict(peft_model, cum.state, adapter_name=name)
             except (OSError, ValueError, RuntimeError, KeyError) as exc:
                 raise RagloraError(f"cannot load the cumulative adapter of stage {info.name}: {exc}") from None
-            missing = [k for k in result.unexpected_keys if "lora_" in k]
-            if missing:
+            stray = [k for k in result.unexpected_keys if "lora_" in k]
+            if stray:
                 raise RagloraError(
-                    f"cumulative adapter of stage {info.name} names modules the base model lacks: {missing[0]}"
+                    f"cumulative adapter of stage {info.name} names modules the base model lacks: {stray[0]}"
                 )
             self.adapter_loads += 1
         peft_model.eval()
-        self._active = None
         return peft_model
 
     def _load_merged(self, model, info: StageInfo):
