@@ -27,6 +27,7 @@ from pipeline.api.schemas import ChatCompletion, ChatRequest, chunk_body, comple
 from pipeline.api.settings import ServeConfig
 from pipeline.generate import GenerationHandle, SamplingParams
 from pipeline.store import StoreError
+from pipeline.upstream import UpstreamError
 from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.api")
@@ -228,6 +229,8 @@ async def chat_completions(
             try:
                 async for _ in handle.astream():
                     pass
+            except UpstreamError:
+                raise  # the generation engine failed (serve.generator: openai): 502/504 (pipeline.api.app)
             except RagloraError as exc:
                 raise ApiError(str(exc), 503, code="generation_failed") from None
             finally:
@@ -312,7 +315,8 @@ async def _stream(
         yield _sse("[DONE]")
     except RagloraError as exc:
         finished = True
-        yield _sse({"error": {"message": str(exc), "type": "server_error", "code": "generation_failed", "param": None}})
+        code = exc.code if isinstance(exc, UpstreamError) else "generation_failed"
+        yield _sse({"error": {"message": str(exc), "type": "server_error", "code": code, "param": None}})
         yield _sse("[DONE]")
     finally:
         if handle is not None and not handle.done:
