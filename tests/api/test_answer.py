@@ -167,7 +167,7 @@ def test_handoff_on_request_writes_ticket(service):
     assert "colleague" in ans.text
     tickets = service.store.handoffs(ans.conversation_id)
     assert tickets[0]["reason"] == "user asked for a person"
-    assert "[PHONE]" in tickets[0]["transcript"][0]["content"] and "070" not in str(tickets)
+    assert "[PHONE]" in tickets[0]["transcript"][0]["content"] and "070" not in str([t["transcript"] for t in tickets])
 
 
 def test_handoff_on_low_retrieval_score(service):
