@@ -104,6 +104,45 @@ def gate_dir(cfg) -> Path:
     return Path(configured) if configured else Path(cfg.paths.artifacts_dir) / "gate"
 
 
+def config_context_window(base: str, cache_dir) -> int | None:
+    """The base model's max_position_embeddings from its config.json alone (no weights); None when unreadable."""
+    from transformers import AutoConfig
+
+    from finetune.model import resolve_base
+
+    try:
+        return int(AutoConfig.from_pretrained(resolve_base(base, cache_dir)).max_position_embeddings)
+    except Exception:  # no config here: the upstream's max_model_len or the tokenizer's limit decides
+        return None
+
+
+def upstream_generator(cfg, serve: ServeConfig, tokenizer=None, on_batch: Callable | None = None):
+    """`serve.generator: openai`: the tokenizer and the stages' manifests are read here, the weights stay upstream.
+
+    Checks the upstream's model list (pipeline.upstream): a stage it does not serve stops startup with one line.
+    """
+    from pipeline.upstream import UpstreamGenerator, UpstreamModels
+
+    context_window = None  # a given tokenizer (tests): the upstream's max_model_len, else the tokenizer's limit
+    if tokenizer is None:
+        from finetune.model import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.base, cache_dir=cfg.paths.base_cache_dir)
+        context_window = config_context_window(cfg.model.base, cfg.paths.base_cache_dir)
+    models = UpstreamModels.from_adapters(tokenizer, cfg.paths.adapters_dir)
+    return UpstreamGenerator(
+        models,
+        url=serve.upstream_url,
+        api_key=serve.upstream_api_key,
+        upstream_models=serve.upstream_models,
+        base_model=serve.upstream_base_model,
+        timeout_s=serve.upstream_timeout_s,
+        prompt_format=serve.upstream_prompt,
+        on_batch=on_batch,
+        context_window=context_window,
+    )
+
+
 def build_service(
     cfg,
     *,
@@ -113,32 +152,38 @@ def build_service(
     model_and_tokenizer: tuple | None = None,
     on_batch: Callable | None = None,
 ) -> AnswerService:
-    """Load the base model once, its stage adapters, the index and the store, as configured.
+    """Load the base model once, its stage adapters, the index and the store, as configured; with
+    `serve.generator: openai` only the tokenizer, and generation goes to the upstream engine.
 
     `cfg` is the root `pipeline.config.Config`; `serve` overrides `cfg.serve`.
     """
     serve = serve or serve_config(cfg)
-    if model_and_tokenizer is None:
-        from finetune.model import load_base
-
-        mc = cfg.model
-        model, tokenizer = load_base(
-            mc.base,
-            cache_dir=cfg.paths.base_cache_dir,
-            device=mc.device,
-            dtype=mc.dtype,
-            attn_implementation=mc.attn_implementation,
-        )
+    if serve.generator == "openai":
+        tokenizer = model_and_tokenizer[1] if model_and_tokenizer is not None else None
+        generator = upstream_generator(cfg, serve, tokenizer, on_batch)
+        models = generator.models
     else:
-        model, tokenizer = model_and_tokenizer
-    models = StageModels(model, tokenizer, cfg.paths.adapters_dir, strategy=serve.adapter_strategy)
-    generator = Generator(
-        models,
-        batching=serve.batching,
-        max_batch_size=serve.max_batch_size,
-        batch_wait_ms=serve.batch_wait_ms,
-        on_batch=on_batch,
-    )
+        if model_and_tokenizer is None:
+            from finetune.model import load_base
+
+            mc = cfg.model
+            model, tokenizer = load_base(
+                mc.base,
+                cache_dir=cfg.paths.base_cache_dir,
+                device=mc.device,
+                dtype=mc.dtype,
+                attn_implementation=mc.attn_implementation,
+            )
+        else:
+            model, tokenizer = model_and_tokenizer
+        models = StageModels(model, tokenizer, cfg.paths.adapters_dir, strategy=serve.adapter_strategy)
+        generator = Generator(
+            models,
+            batching=serve.batching,
+            max_batch_size=serve.max_batch_size,
+            batch_wait_ms=serve.batch_wait_ms,
+            on_batch=on_batch,
+        )
     index = None
     if with_index and not Path(cfg.paths.index_dir).exists():
         log.warning("no index at %s: rag modes are off (build it with `raglora index`)", cfg.paths.index_dir)
@@ -151,6 +196,11 @@ def build_service(
     versions = package_versions()
     versions["base_model"] = getattr(cfg.model, "base", None)
     versions["stages"] = models.stage_names
+    if serve.generator == "openai":
+        versions["generator"] = {
+            "upstream": generator.url,
+            "models": {s or "(base)": n for s, n in generator.model_names.items()},
+        }
     from finetune.prompt import system_prompts
 
     # The same prompt files and persona as training and evaluation.
@@ -188,7 +238,7 @@ def build_service(
                 else:
                     answerability = f"gate {gate_dir(cfg)}"
             versions["answerability"] = answerability
-        store = ConversationStore(serve.db_path) if with_store else None
+        store = ConversationStore(serve.db_url or serve.db_path) if with_store else None
         return AnswerService(
             generator,
             index,

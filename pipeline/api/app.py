@@ -13,20 +13,22 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from pipeline.answer import AnswerService
 from pipeline.api.errors import install_error_handlers
 from pipeline.api.logs import configure_logging
 from pipeline.api.metrics import ApiMetrics
-from pipeline.api.routers import chat, conversations, models, ops, web
+from pipeline.api.routers import chat, completions, conversations, models, ops, web
 from pipeline.api.security import BodySizeLimit, KeyRing, RateLimiter
 from pipeline.api.settings import ServeConfig, is_loopback
 from pipeline.service import build_service, serve_config
+from pipeline.upstream import UpstreamError
 from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.api")
 
-_ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/")
 
 
 def _route_label(path: str) -> str:
@@ -154,7 +156,14 @@ def create_app(
     app.state.rate_limiter = RateLimiter(serve.rate_limit_per_minute)
     app.state.service = None
     install_error_handlers(app)
-    for router in (chat.router, models.router, conversations.router, ops.router, web.router):
+
+    @app.exception_handler(UpstreamError)
+    async def _upstream(request, exc: UpstreamError):
+        # The generation engine (serve.generator: openai) failed: 502 down/garbage, 504 timeout; nothing was stored.
+        error = {"message": str(exc), "type": "server_error", "code": exc.code, "param": None}
+        return JSONResponse({"error": error}, status_code=exc.status)
+
+    for router in (chat.router, completions.router, models.router, conversations.router, ops.router, web.router):
         app.include_router(router)
     if serve.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
