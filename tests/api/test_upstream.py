@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from helpers import STAGES, make_service, prompt_ids, serve_settings
 from tiny_model import make_tiny_model, make_tiny_tokenizer
@@ -227,6 +227,15 @@ def test_resolve_upstream_models_maps_stages_and_defaults_the_base_to_the_first_
 # -- a failing upstream: 502 / 504, nothing stored -------------------------------------------------------------------
 
 
+async def _forever(closed: threading.Event):
+    try:
+        while True:
+            yield 'data: {"choices": [{"index": 0, "text": "a", "finish_reason": null}]}\n\n'
+            await asyncio.sleep(30)  # then silence: only closing the connection can end the request
+    finally:
+        closed.set()
+
+
 def fake_upstream(behaviour: dict) -> FastAPI:
     """An engine that lists every model but answers completions as `behaviour["kind"]` says."""
     app = FastAPI()
@@ -238,6 +247,8 @@ def fake_upstream(behaviour: dict) -> FastAPI:
     @app.post("/v1/completions")
     async def completions():
         kind = behaviour["kind"]
+        if kind == "forever":  # one "a", then silence until the client disconnects
+            return StreamingResponse(_forever(behaviour["closed"]), media_type="text/event-stream")
         if kind == "slow":
             await asyncio.sleep(3)
         if kind == "garbage":
@@ -297,6 +308,22 @@ def test_upstream_that_goes_down_gives_502_and_stores_no_turn(adapters_dir, tmp_
         assert resp.status_code == 502
         assert url in resp.json()["error"]["message"] and "unreachable" in resp.json()["error"]["message"]
         assert _stored(client, "c-down") == []
+
+
+def test_a_cancelled_request_closes_its_upstream_stream(adapters_dir):
+    """A client that goes away cancels its handle; the engine must see the connection close and stop generating."""
+    behaviour = {"kind": "forever", "closed": threading.Event()}
+    with serving(fake_upstream(behaviour)) as url:
+        models = UpstreamModels.from_adapters(make_tiny_tokenizer(), adapters_dir)
+        gen = UpstreamGenerator(models, url=url, upstream_models=RAGLORA_NAMES)
+        try:
+            handle = gen.submit([5, 6, 7], stage="general")
+            assert next(iter(handle)) == "a"  # streaming
+            handle.cancel()
+            assert handle.result(timeout=5).finish_reason == "cancelled"
+            assert behaviour["closed"].wait(5)
+        finally:
+            gen.close()
 
 
 # -- POST /v1/completions --------------------------------------------------------------------------------------------
