@@ -3,8 +3,9 @@ or another raglora server.
 
 raglora keeps what it owns (retrieval, the prompt rendered with the training chat template, citations, the gate,
 hand-off, conversations, auth, rate limits); the engine only continues our prompt at `POST {upstream_url}/completions`,
-sent as token ids (`upstream_prompt: ids`, exact) or as the rendered string (`text`, for TGI). Never its chat
-endpoint: its template may differ from the one the adapters were trained with.
+sent as token ids (`upstream_prompt: ids`, exact) or as the rendered string (`text`, for TGI; an engine that adds a
+BOS token to text prompts would double the template's own, so prefer ids where the engine takes them). Never its
+chat endpoint: its template may differ from the one the adapters were trained with.
 
 `UpstreamGenerator` has the surface of `pipeline.generate.Generator` that AnswerService, the API and evaluation use
 (`submit` -> a `GenerationHandle`, `generate`, `close`, `models`, `tokenizer`, `on_batch`). Requests run as tasks
@@ -26,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -160,7 +161,6 @@ def completion_request(
         "temperature": 0.0 if params.greedy else params.temperature,
         "top_p": 1.0 if params.greedy else params.top_p,
         "stream": True,
-        "stream_options": {"include_usage": True},
         "return_token_ids": True,
         "repetition_penalty": params.repetition_penalty,
         "no_repeat_ngram_size": params.no_repeat_ngram_size,
@@ -192,7 +192,6 @@ class _Reply:
     done: bool = False  # [DONE] seen
     choices: int = 0  # chunks that carried a choice
     ids_seen: bool = False
-    usage: dict = field(default_factory=dict)
 
 
 class UpstreamGenerator:
@@ -406,8 +405,6 @@ class UpstreamGenerator:
             raise UpstreamError(f"{where} sent something other than a completion: {_error_text(json.dumps(data))}")
         if data.get("error"):
             raise UpstreamError(f"{where} reported an error: {_error_text(json.dumps(data))}")
-        if isinstance(data.get("usage"), dict):
-            reply.usage = data["usage"]
         choices = data.get("choices")
         if not isinstance(choices, list):
             raise UpstreamError(f"{where} sent a body without choices: {_error_text(json.dumps(data))}")

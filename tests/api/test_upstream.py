@@ -138,11 +138,17 @@ def test_proxy_chat_stream_equals_the_local_answer_greedy(upstream, proxy, model
     assert "".join(deltas) == local["choices"][0]["message"]["content"]
 
 
-def test_text_prompts_give_the_same_tokens_as_id_prompts(upstream, adapters_dir):
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=24),
+        SamplingParams(max_new_tokens=24, repetition_penalty=1.5, no_repeat_ngram_size=0),
+    ],
+)
+def test_text_prompts_and_repetition_controls_reach_the_engine(upstream, adapters_dir, params):
     url, local = upstream
     tok = make_tiny_tokenizer()
     ids = prompt_ids(tok, "Hello, how are you?")
-    params = SamplingParams(max_new_tokens=12)
     gen = UpstreamGenerator(
         UpstreamModels.from_adapters(tok, adapters_dir),
         url=url,
