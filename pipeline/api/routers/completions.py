@@ -269,7 +269,7 @@ async def completions(
     handle = service.generator.submit(ids, stage=stage, params=params, loop=asyncio.get_running_loop())
     common = {"id": "cmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": body.model}
     mode = "lora" if stage is not None else "base"
-    metrics.completions.labels(body.model, str(body.stream).lower()).inc()
+    # Requests count under their route (raglora_http_requests), not as chat completions; tokens and times by mode.
     metrics.prompt_tokens.labels(mode).inc(len(ids))
     log.info(
         "completion",
