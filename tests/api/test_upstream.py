@@ -169,6 +169,22 @@ def test_text_prompts_and_repetition_controls_reach_the_engine(upstream, adapter
         gen.close()
 
 
+def test_concurrent_requests_each_get_their_own_answer(upstream, adapters_dir):
+    url, local = upstream
+    tok = make_tiny_tokenizer()
+    gen = UpstreamGenerator(UpstreamModels.from_adapters(tok, adapters_dir), url=url, api_key="key-a",
+                            upstream_models=RAGLORA_NAMES, context_window=512)  # fmt: skip
+    jobs = [(prompt_ids(tok, q), stage) for q in ("Hello", "What is your name?") for stage in (None, *STAGES)]
+    params = SamplingParams(max_new_tokens=16)
+    try:
+        handles = [gen.submit(ids, stage=stage, params=params) for ids, stage in jobs]  # all in flight together
+        got = [h.result(timeout=60).text for h in handles]
+    finally:
+        gen.close()
+    want = [local.generator.generate(ids, stage=stage, params=params).text for ids, stage in jobs]
+    assert got == want and len(set(want)) > 1
+
+
 def test_build_service_in_openai_mode_loads_no_weights_and_answers_as_locally(upstream, adapters_dir, tmp_path):
     from pipeline.api.settings import ServeConfig
     from pipeline.config import Config
