@@ -1,35 +1,58 @@
-"""Generation: a dynamic batcher over `pipeline.stage_models.StageModels` that streams tokens.
+"""Generation: a continuous-batching engine over `pipeline.stage_models.StageModels` that streams tokens.
 
-`Generator` owns the model in one worker thread: concurrent requests queue, the worker collects up to
-`max_batch_size` within `batch_wait_ms`, groups them by (stage, sampling parameters), left-pads and runs
-`model.generate` (KV cache, greedy unless a temperature is given, repetition control on the answer tokens).
-Tokens are streamed back per request through a batch-aware streamer; a per-row stopping criterion honours
-each request's own `max_new_tokens` and cancellation (client disconnect).
+`Generator` owns the model in one worker thread. Requests queue from any thread or event loop; each loop of the
+worker (a *step*) admits waiting requests, runs at most one prefill chunk for the prompts that are joining, runs
+one decode forward over every running row, streams each row its new text and lets finished rows leave. So a
+request joins between two decode steps and never waits for a whole batch to finish (static batching did).
+
+- KV cache: one left-padded cache for the running batch, not one per row. A decode step is then a single
+  forward over a (rows, 1) input with nothing stacked per step. The cache is a `transformers.DynamicCache`
+  whose layers (`_SlotLayer`) write into preallocated buffers instead of concatenating, so a step copies one
+  column, not the whole cache. Copies happen on events only: when prompts join (the running cache and the
+  joiners' cache are put side by side, the shorter one left-padded) and when rows leave (the survivors are
+  selected, then the columns that became padding for every row are dropped). Padding columns are masked by
+  the 2-D attention mask, rebuilt each step from each row's token count, and every row has its own position ids.
+- Chunked prefill: joining prompts are prefilled in their own cache, at most `prefill_chunk_tokens` (padded)
+  tokens per step, then merged, so running streams stall for at most one chunk per step. Short prompts that
+  arrive together share one chunk; a long prompt is split over several steps.
+- Stages: when `models.mixes_stages` (cumulative adapters) rows of any stage share a forward through
+  `models.use_rows(stages)` (PEFT's per-row `adapter_names`). Otherwise the running batch holds one stage at a
+  time: waiting requests are admitted oldest first and a request of another stage at the head of the queue
+  stops admissions until the batch drains, so no stage starves.
+- Decoding per row: greedy (one vectorised argmax over the batch) or sampling with the row's temperature and
+  top_p and its own `torch.Generator` (seeded by `params.seed`, so a seeded sample does not depend on its batch
+  mates); the repetition penalty and n-gram ban on the row's own answer tokens (kept incrementally, only for
+  rows that ask for them); the row's own `max_new_tokens`, EOS and cancellation (client disconnect).
+- Streaming detokenisation is incremental (prefix/read offsets as in vLLM and TGI): two short windows are
+  decoded per token, never the whole answer, and an incomplete UTF-8 sequence waits for its next byte.
+- A *batch* is one decode step: `batches_run` counts them, `batch_sizes` keeps recent row counts and
+  `on_batch(rows, stage, seconds)` is called once per step (stage: the rows' stage when they share one, else
+  None). `batching=False` runs the same engine with one row at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import (
-    GenerationConfig,
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
-from transformers.generation.streamers import BaseStreamer
+from transformers.cache_utils import DynamicLayer
 
 from pipeline.stage_models import StageModels
 from raglora.errors import RagloraError
@@ -37,6 +60,8 @@ from raglora.errors import RagloraError
 log = logging.getLogger("raglora.generate")
 
 MIN_SAMPLING_TEMPERATURE = 1e-5
+CACHE_HEADROOM = 64  # free cache columns a buffer gets when it is (re)allocated; it then grows by half
+BATCH_SIZES_KEPT = 10_000  # `Generator.batch_sizes` keeps the most recent decode steps only
 
 
 # -- requests and streaming ------------------------------------------------------------------------------
@@ -78,12 +103,6 @@ class SamplingParams:
         # torch.multinomial fails ("probability tensor contains inf/nan"), so such requests decode greedily.
         return self.temperature < MIN_SAMPLING_TEMPERATURE
 
-    def group_key(self) -> tuple:
-        repetition = (self.repetition_penalty, self.no_repeat_ngram_size)
-        return (
-            ("greedy", *repetition) if self.greedy else ("sample", self.temperature, self.top_p, self.seed, *repetition)
-        )
-
 
 class _AnswerTokensOnly(LogitsProcessor):
     """Runs a transformers logits processor on the generated tokens only.
@@ -106,7 +125,9 @@ class _AnswerTokensOnly(LogitsProcessor):
 
 def repetition_processors(params: SamplingParams, prompt_width: int) -> LogitsProcessorList:
     """transformers' RepetitionPenaltyLogitsProcessor / NoRepeatNGramLogitsProcessor for `params`, applied to
-    the answer tokens of a batch left-padded to `prompt_width` (empty when repetition control is off)."""
+    the answer tokens of a batch left-padded to `prompt_width` (empty when repetition control is off).
+
+    For `model.generate` callers; the engine keeps the same rules incrementally per row (`_Row`)."""
     processors = LogitsProcessorList()
     if params.repetition_penalty != 1.0:
         processors.append(
@@ -132,7 +153,11 @@ _END = object()
 
 
 class GenerationHandle:
-    """One queued request. Iterate (sync) or `astream()` (async) for text deltas; `result()` waits for the end."""
+    """One queued request. Iterate (sync) or `astream()` (async) for text deltas; `result()` waits for the end.
+
+    `batch_size` is the most rows this request shared a forward with. Producers (the engine, or another
+    generator feeding the same handle) call `_push_delta` and `_finish`.
+    """
 
     def __init__(self, prompt_ids: list[int], stage: str | None, params: SamplingParams, loop=None):
         self.id = uuid.uuid4().hex[:12]
@@ -183,7 +208,7 @@ class GenerationHandle:
         return self._cancel.is_set()
 
     def cancel(self) -> None:
-        """Stop generating for this request (the worker notices at its next token)."""
+        """Stop generating for this request (the worker notices before its next token)."""
         self._cancel.set()
 
     # consumer side
@@ -225,62 +250,6 @@ class GenerationHandle:
         )
 
 
-class _RowStreamer(BaseStreamer):
-    """Splits each generated token column across the batch's handles and detokenizes incrementally."""
-
-    def __init__(self, handles: list[GenerationHandle], tokenizer, eos_ids: set[int]):
-        self.handles = handles
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # the first call carries the prompt ids
-            self._prompt_seen = True
-            return
-        tokens = value.reshape(len(self.handles), -1)[:, -1].tolist()
-        now = time.perf_counter()
-        for handle, tok in zip(self.handles, tokens, strict=True):
-            if handle.done:
-                continue
-            if handle.cancelled:
-                handle._finish("cancelled")
-                continue
-            if tok in self.eos_ids:
-                self._flush(handle)
-                handle._finish("stop")
-                continue
-            if handle.first_token_at is None:
-                handle.first_token_at = now
-            handle.token_ids.append(tok)
-            self._flush(handle, final=False)
-            if len(handle.token_ids) >= handle.params.max_new_tokens:
-                self._flush(handle)
-                handle._finish("length")
-
-    def _flush(self, handle: GenerationHandle, final: bool = True) -> None:
-        text = self.tokenizer.decode(handle.token_ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        if text.startswith(handle.text):
-            handle._push_delta(text[len(handle.text) :])
-
-    def end(self) -> None:
-        for handle in self.handles:
-            if not handle.done:
-                self._flush(handle)
-                handle._finish("cancelled" if handle.cancelled else "stop")
-
-
-class _RowStop(StoppingCriteria):
-    def __init__(self, handles: list[GenerationHandle]):
-        self.handles = handles
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        flags = [h.done or h.cancelled for h in self.handles]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
 def eos_token_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
@@ -296,6 +265,263 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def detokenize_step(tokenizer, ids: list[int], prefix_offset: int, read_offset: int) -> tuple[str, int, int]:
+    """The text that `ids[-1]` adds, decoding two short windows instead of the whole answer (vLLM/TGI).
+
+    `ids[prefix_offset:read_offset]` is the window emitted last: decoding it together with the new tokens keeps
+    what a token means next to its neighbours (SentencePiece's leading spaces, merges across tokens). An
+    incomplete UTF-8 sequence decodes to U+FFFD at the end: then nothing is emitted until its next byte arrives.
+    Start with offsets (0, 0) for an answer; returns (delta, prefix_offset, read_offset).
+    """
+    prefix_text = tokenizer.decode(ids[prefix_offset:read_offset], skip_special_tokens=True)
+    new_text = tokenizer.decode(ids[prefix_offset:], skip_special_tokens=True)
+    if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+        return new_text[len(prefix_text) :], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
+
+# -- KV cache ---------------------------------------------------------------------------------------------
+
+
+class _SlotLayer(DynamicLayer):
+    """A DynamicLayer that writes into preallocated (rows, heads, capacity, head_dim) buffers.
+
+    `keys`/`values` are views of the first `n` columns, so a decode step writes one column instead of
+    concatenating the whole cache (DynamicLayer's `torch.cat`). Columns past `n` are never read; left-padding
+    columns are zero or a pad token's states, always finite, and masked.
+    """
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self.capacity = capacity
+        self.n = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.is_initialized = key_states.device, True
+        cap = max(self.capacity, key_states.shape[-2])
+        self._k = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
+        self._v = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.n + key_states.shape[-2]
+        if end > self._k.shape[-2]:
+            cap = max(end, self._k.shape[-2] + max(CACHE_HEADROOM, self._k.shape[-2] // 2))
+            self._k, self._v = self._resized(self._k, cap), self._resized(self._v, cap)
+        self._k[:, :, self.n : end] = key_states
+        self._v[:, :, self.n : end] = value_states
+        self.n = end
+        self._views()
+        return self.keys, self.values
+
+    def _resized(self, buf: torch.Tensor, cap: int) -> torch.Tensor:
+        new = buf.new_empty((*buf.shape[:2], cap, buf.shape[-1]))
+        new[:, :, : self.n] = buf[:, :, : self.n]
+        return new
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows `indices` (a copy: rows left the batch)."""
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    def drop_left(self, columns: int) -> None:
+        """Forget the first `columns` columns (padding for every row left); a view, no copy."""
+        if self.is_initialized and columns:
+            self._k, self._v = self._k[:, :, columns:], self._v[:, :, columns:]
+            self.n -= columns
+            self._views()
+
+    def reset(self) -> None:
+        super().reset()
+        self.n = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the engine's cache is not cropped")
+
+    @classmethod
+    def stacked(cls, top: _SlotLayer, bottom: _SlotLayer, width: int) -> _SlotLayer:
+        """`top`'s rows then `bottom`'s, each right-aligned to `width` columns (the shorter one left-padded)."""
+        out = cls()
+        out.device, out.is_initialized, out.n = top.device, True, width
+        rows = (top._k.shape[0], bottom._k.shape[0])
+        for name in ("_k", "_v"):
+            a, b = getattr(top, name), getattr(bottom, name)
+            buf = a.new_empty((rows[0] + rows[1], a.shape[1], width + CACHE_HEADROOM, a.shape[-1]))
+            for start, src, n in ((0, a, top.n), (rows[0], b, bottom.n)):
+                block = buf[start : start + src.shape[0]]
+                block[:, :, : width - n].zero_()
+                block[:, :, width - n : width] = src[:, :, :n]
+            setattr(out, name, buf)
+        out._views()
+        return out
+
+
+def _new_cache(capacity: int) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = lambda: _SlotLayer(capacity)
+    return cache
+
+
+# -- rows -------------------------------------------------------------------------------------------------
+
+
+class _Row:
+    """One request's decoding state in the engine."""
+
+    __slots__ = ("handle", "stage", "params", "tokens", "generator", "ngram", "ngram_seen", "seen", "offsets")
+
+    def __init__(self, handle: GenerationHandle, device: torch.device):
+        p = handle.params
+        self.handle, self.stage, self.params, self.tokens = handle, handle.stage, p, handle.token_ids
+        self.generator: torch.Generator | None = None
+        if not p.greedy:
+            self.generator = torch.Generator(device=device)
+            if p.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(p.seed)
+        self.ngram = p.no_repeat_ngram_size
+        self.ngram_seen: dict[tuple[int, ...], set[int]] = {}  # (n-1)-gram of the answer -> tokens that followed
+        self.seen: set[int] | None = set() if p.repetition_penalty != 1.0 else None
+        self.offsets = (0, 0)  # detokenize_step's prefix/read offsets
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        n = self.ngram
+        if n and len(self.tokens) >= n:
+            self.ngram_seen.setdefault(tuple(self.tokens[-n:-1]), set()).add(token)
+        if self.seen is not None:
+            self.seen.add(token)
+
+    def banned(self) -> set[int] | tuple:
+        """NoRepeatNGramLogitsProcessor's rule: tokens that would repeat an n-gram of the answer."""
+        n, length = self.ngram, len(self.tokens)
+        if not n or length + 1 < n:
+            return ()
+        return self.ngram_seen.get(tuple(self.tokens[length - n + 1 :]), ())
+
+    def sample(self, scores: torch.Tensor) -> int:
+        """Temperature, then top_p (TopPLogitsWarper's rule), then a draw from the row's own generator."""
+        scores = scores / self.params.temperature
+        if self.params.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            remove = sorted_scores.softmax(-1).cumsum(-1) <= (1 - self.params.top_p)
+            remove[-1:] = False
+            scores = scores.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+
+def choose_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    """The next token of each row from its (rows, vocab) float logits, modified in place: repetition control
+    on the row's own answer for the rows that ask for it, one argmax for the greedy rows, a draw for the rest."""
+    ban_rows: list[int] = []
+    ban_cols: list[int] = []
+    sampled = []
+    for i, row in enumerate(rows):
+        if row.seen:
+            ids = torch.tensor(list(row.seen), device=logits.device)
+            s = logits[i, ids]
+            logits[i, ids] = torch.where(s < 0, s * row.params.repetition_penalty, s / row.params.repetition_penalty)
+        if row.ngram:
+            banned = row.banned()
+            ban_rows.extend([i] * len(banned))
+            ban_cols.extend(banned)
+        if row.generator is not None:
+            sampled.append(i)
+    if ban_rows:
+        logits[ban_rows, ban_cols] = -float("inf")
+    tokens = logits.argmax(-1).tolist()
+    for i in sampled:
+        tokens[i] = rows[i].sample(logits[i])
+    return tokens
+
+
+class _Joining:
+    """Prompts being prefilled together: left-padded to `width`, a few columns (a chunk) per step."""
+
+    def __init__(self, rows: list[_Row], pad_id: int, capacity: int):
+        self.rows = rows
+        self.lengths = [len(r.handle.prompt_ids) for r in rows]
+        self.width = max(self.lengths)
+        ids = torch.full((len(rows), self.width), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, self.width - self.lengths[i] :] = torch.tensor(r.handle.prompt_ids, dtype=torch.long)
+        self.ids = ids
+        self.starts = torch.tensor([self.width - n for n in self.lengths], dtype=torch.long)  # first real column
+        self.done = 0  # columns prefilled so far
+        self.cache = _new_cache(capacity)
+        for r in rows:
+            r.handle.batch_size = max(r.handle.batch_size, len(rows))
+
+
+class _Running:
+    """The rows being decoded, their shared left-padded cache and what each feeds next."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.n = 0  # cache columns in use; row i's tokens are its last `pos[i]` columns
+        self.pos = torch.zeros(0, dtype=torch.long)  # (rows,) tokens each row has: its next position id
+        self.next = torch.zeros(0, dtype=torch.long)  # (rows,) the token each row feeds next
+        self.stages: list[str | None] = []
+        self.stage: str | None = None  # the rows' stage when they share one, else None
+
+    def _changed(self) -> None:
+        self.stages = [r.stage for r in self.rows]
+        kinds = set(self.stages)
+        self.stage = next(iter(kinds)) if len(kinds) == 1 else None
+        for r in self.rows:
+            r.handle.batch_size = max(r.handle.batch_size, len(self.rows))
+
+    def add(self, rows: list[_Row], cache: DynamicCache, width: int, pos: torch.Tensor, nxt: torch.Tensor) -> None:
+        if not self.rows:
+            self.cache, self.n, self.pos, self.next = cache, width, pos, nxt
+        else:
+            n = max(self.n, width)
+            merged = DynamicCache()
+            merged.layers = [_SlotLayer.stacked(a, b, n) for a, b in zip(self.cache.layers, cache.layers, strict=True)]
+            self.cache, self.n = merged, n
+            self.pos, self.next = torch.cat([self.pos, pos]), torch.cat([self.next, nxt])
+        self.rows = self.rows + rows
+        self._changed()
+        self.trim()
+
+    def keep(self, keep: list[int]) -> None:
+        """Only rows `keep` stay (the others finished)."""
+        if not keep:
+            self.__init__()
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(idx.to(self.pos.device))
+        self.rows = [self.rows[i] for i in keep]
+        self.pos, self.next = self.pos[idx], self.next[idx]
+        self._changed()
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop the leading columns that are padding for every row."""
+        first = self.n - int(self.pos.max())
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.drop_left(first)
+            self.n -= first
+
+    def mask(self, columns: int, pos: torch.Tensor) -> torch.Tensor:
+        """(rows, columns) attention mask: row i's `pos[i]` tokens are its last columns."""
+        return torch.arange(columns) >= (columns - pos)[:, None]
+
+
+# -- the engine -------------------------------------------------------------------------------------------
+
+
 class Generator:
     """Owns the model in one worker thread; `submit()` from any thread or event loop."""
 
@@ -306,20 +532,34 @@ class Generator:
         batching: bool = True,
         max_batch_size: int = 8,
         batch_wait_ms: float = 10.0,
+        prefill_chunk_tokens: int = 256,
         on_batch: Callable[[int, str | None, float], None] | None = None,
     ):
+        if prefill_chunk_tokens < 1:
+            raise RagloraError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.models = models
         self.tokenizer = models.tokenizer
         self.batching = batching
-        self.max_batch_size = max_batch_size if batching else 1
+        self.max_batch_size = max(1, max_batch_size) if batching else 1
         self.batch_wait_s = batch_wait_ms / 1000.0 if batching else 0.0
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.on_batch = on_batch
         self.eos_ids = eos_token_ids(models.base, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids) if self.eos_ids else 0
         self.batches_run = 0
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=BATCH_SIZES_KEPT)
+        self.mixes_stages = bool(getattr(models, "mixes_stages", False))
+        self.device = models.device
+        self.context_window = models.context_window
+        params = inspect.signature(models.base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._extra_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._q: queue.Queue[GenerationHandle | None] = queue.Queue()
+        self._waiting: deque[GenerationHandle] = deque()
+        self._joining: _Joining | None = None
+        self._running = _Running()
+        self._stopping = False
         self._closing = False
         self._thread = threading.Thread(target=self._worker, name="raglora-generator", daemon=True)
         self._thread.start()
@@ -358,95 +598,201 @@ class Generator:
 
     # Worker ------------------------------------------------------------------------------------------------
 
-    def _collect(self, first: GenerationHandle) -> tuple[list[GenerationHandle], bool]:
-        batch = [first]
-        stop = False
-        deadline = time.perf_counter() + self.batch_wait_s
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
+    def _take(self, item: GenerationHandle | None) -> None:
+        if item is None:
+            self._stopping = True
+        else:
+            self._waiting.append(item)
+
+    def _receive(self, block: bool) -> None:
+        """Move submitted requests to the waiting line; when idle, block for one and wait `batch_wait_ms` for
+        company so that requests arriving together are prefilled together."""
+        if block:
+            self._take(self._q.get())
+            deadline = time.perf_counter() + self.batch_wait_s
+            while not self._stopping and len(self._waiting) < self.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                try:
+                    self._take(self._q.get(timeout=remaining))
+                except queue.Empty:
+                    break
+        while True:
             try:
-                item = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+                self._take(self._q.get_nowait())
             except queue.Empty:
-                break
-            if item is None:
-                stop = True
-                break
-            batch.append(item)
-        return batch, stop
+                return
 
     def _worker(self) -> None:
-        stop = False
-        while not stop:
-            first = self._q.get()
-            if first is None:
-                # drain anything that raced in behind the sentinel
-                pending = []
-                while True:
-                    try:
-                        item = self._q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is not None:
-                        pending.append(item)
-                if not pending:
-                    break
-                batch, stop = pending, True
-            else:
-                batch, stop = self._collect(first)
-            groups: dict[tuple, list[GenerationHandle]] = {}
-            for handle in batch:
-                if handle.cancelled:
-                    handle._finish("cancelled")
-                    continue
-                groups.setdefault((handle.stage, handle.params.group_key()), []).append(handle)
-            for (stage, _), handles in groups.items():
-                for i in range(0, len(handles), self.max_batch_size):
-                    self._run_group(handles[i : i + self.max_batch_size], stage)
+        with torch.inference_mode():
+            while True:
+                idle = not self._running.rows and self._joining is None and not self._waiting
+                if idle and self._stopping:
+                    self._receive(block=False)  # a request that raced in behind close()
+                    if not self._waiting:
+                        return
+                    idle = False
+                self._receive(block=idle)
+                if any(h.cancelled for h in self._waiting):
+                    for h in [h for h in self._waiting if h.cancelled]:
+                        self._waiting.remove(h)
+                        h._finish("cancelled")
+                if self._joining is None:
+                    self._admit()
+                if self._running.rows:
+                    self._decode_step()
+                if self._joining is not None:
+                    self._prefill_step()
 
-    def _run_group(self, handles: list[GenerationHandle], stage: str | None) -> None:
+    def _admit(self) -> None:
+        """Start prefilling the oldest waiting requests that may join: as many as fit in one chunk (padded), or
+        one long prompt; with one stage per batch, only the running stage's, up to the first of another."""
+        room = self.max_batch_size - len(self._running.rows)
+        if room <= 0 or not self._waiting:
+            return
+        stage = self._running.stage if self._running.rows else self._waiting[0].stage
+        rows: list[_Row] = []
+        width = 0
+        while self._waiting and len(rows) < room:
+            h = self._waiting[0]
+            if not self.mixes_stages and h.stage != stage:
+                break
+            w = max(width, len(h.prompt_ids))
+            if rows and (len(rows) + 1) * w > self.prefill_chunk_tokens:
+                break
+            self._waiting.popleft()
+            if h.params.max_new_tokens < 1:
+                h._finish("length")
+                continue
+            rows.append(_Row(h, self.device))
+            width = w
+        if rows:
+            headroom = min(CACHE_HEADROOM, max(r.params.max_new_tokens for r in rows))
+            self._joining = _Joining(rows, self.pad_id, width + headroom)
+
+    @contextlib.contextmanager
+    def _module(self, stages: list[str | None]):
+        if hasattr(self.models, "use_rows"):
+            with self.models.use_rows(stages) as (module, kwargs):
+                yield module, kwargs
+        else:  # a StageModels without use_rows runs one stage per forward
+            with self.models.use(stages[0]) as module:
+                yield module, {}
+
+    def _forward(self, stages, ids, mask, pos, cache) -> torch.Tensor:
+        """One forward; returns the (rows, vocab) float32 logits of each row's last column."""
+        dev = self.device
+        with self._module(stages) as (module, kwargs):
+            out = module(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                position_ids=pos.to(dev),
+                use_cache=True,
+                **{self._cache_kw: cache},
+                **self._extra_kw,
+                **kwargs,
+            )
+        return out.logits[:, -1, :].float()
+
+    def _prefill_step(self) -> None:
+        """One chunk of the joining prompts; after the last, their first tokens and the merge into the batch."""
+        j = self._joining
+        try:
+            if all(r.handle.cancelled for r in j.rows):
+                for r in j.rows:
+                    r.handle._finish("cancelled")
+                self._joining = None
+                return
+            c0 = j.done
+            c1 = min(j.width, c0 + max(1, self.prefill_chunk_tokens // len(j.rows)))
+            cols = torch.arange(c0, c1)
+            pos = (cols[None, :] - j.starts[:, None]).clamp_(min=0)
+            mask = torch.arange(c1)[None, :] >= j.starts[:, None]
+            logits = self._forward([r.stage for r in j.rows], j.ids[:, c0:c1], mask, pos, j.cache)
+            j.done = c1
+            if c1 < j.width:
+                return
+            self._joining = None
+            tokens = choose_tokens(j.rows, logits)
+            now = time.perf_counter()
+            lengths = torch.tensor(j.lengths, dtype=torch.long)
+            keep = [
+                i for i, (r, t) in enumerate(zip(j.rows, tokens, strict=True)) if self._advance(r, t, now, j.lengths[i])
+            ]
+            if not keep:
+                return
+            if len(keep) < len(j.rows):
+                j.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            width = j.width
+            nxt = torch.tensor([tokens[i] for i in keep], dtype=torch.long)
+            self._running.add([j.rows[i] for i in keep], j.cache, width, lengths[keep], nxt)
+        except Exception as exc:  # never kill the worker: fail these requests instead
+            log.exception("prefill failed for %d joining requests", len(j.rows))
+            self._joining = None
+            for r in j.rows:
+                r.handle._finish("error", RagloraError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _decode_step(self) -> None:
+        """One token for every running row (one forward), streamed; finished rows leave the batch."""
+        run = self._running
         started = time.perf_counter()
         try:
-            device = self.models.device
-            width = max(len(h.prompt_ids) for h in handles)
-            ids = torch.full((len(handles), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(handles), width), dtype=torch.long)
-            for row, h in enumerate(handles):
-                n = len(h.prompt_ids)
-                ids[row, width - n :] = torch.tensor(h.prompt_ids, dtype=torch.long)
-                mask[row, width - n :] = 1
-                h.batch_size = len(handles)
-            params = handles[0].params
-            gen_cfg = GenerationConfig(
-                max_new_tokens=max(h.params.max_new_tokens for h in handles),
-                do_sample=not params.greedy,
-                temperature=None if params.greedy else params.temperature,
-                top_p=None if params.greedy else params.top_p,
-                top_k=None,
-                eos_token_id=sorted(self.eos_ids) or None,
-                pad_token_id=self.pad_id,
+            run.pos += 1  # the fed token is each row's newest
+            logits = self._forward(
+                run.stages, run.next[:, None], run.mask(run.n + 1, run.pos), run.pos[:, None] - 1, run.cache
             )
-            if not params.greedy and params.seed is not None:
-                torch.manual_seed(params.seed)
-            streamer = _RowStreamer(handles, self.tokenizer, self.eos_ids)
-            with torch.inference_mode(), self.models.use(stage) as model:
-                model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    generation_config=gen_cfg,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_RowStop(handles)]),
-                    logits_processor=repetition_processors(params, width),
-                )
-            streamer.end()
-        except Exception as exc:  # never kill the worker: fail this group's requests instead
-            log.exception("generation failed for a batch of %d", len(handles))
-            for h in handles:
-                h._finish("error", RagloraError(f"generation failed: {type(exc).__name__}"))
+            run.n += 1
+            tokens = choose_tokens(run.rows, logits)
+            now = time.perf_counter()
+            pos = run.pos.tolist()
+            keep = [
+                i for i, (r, t) in enumerate(zip(run.rows, tokens, strict=True)) if self._advance(r, t, now, pos[i])
+            ]
+            run.next = torch.tensor(tokens, dtype=torch.long)
+            size, stage = len(run.rows), run.stage
+            if len(keep) < size:
+                run.keep(keep)
+        except Exception as exc:  # never kill the worker: fail this step's requests instead
+            log.exception("decode step failed for a batch of %d", len(run.rows))
+            for r in run.rows:
+                r.handle._finish("error", RagloraError(f"generation failed: {type(exc).__name__}: {exc}"))
+            self._running = _Running()
+            return
         self.batches_run += 1
-        self.batch_sizes.append(len(handles))
+        self.batch_sizes.append(size)
         if self.on_batch is not None:
             with contextlib.suppress(Exception):
-                self.on_batch(len(handles), stage, time.perf_counter() - started)
+                self.on_batch(size, stage, time.perf_counter() - started)
+
+    def _advance(self, row: _Row, token: int, now: float, length: int) -> bool:
+        """Give `row` its new token; False when the row is done (EOS, max_new_tokens, cancelled, context full).
+        `length`: the tokens the row holds before this one, i.e. the position it would be fed at."""
+        h = row.handle
+        if h.cancelled:
+            h._finish("cancelled")
+            return False
+        if token in self.eos_ids:
+            self._flush(row)
+            h._finish("stop")
+            return False
+        if h.first_token_at is None:
+            h.first_token_at = now
+        row.append(token)
+        delta, *offsets = detokenize_step(self.tokenizer, row.tokens, *row.offsets)
+        row.offsets = tuple(offsets)
+        h._push_delta(delta)
+        if len(row.tokens) >= row.params.max_new_tokens or length >= self.context_window:
+            self._flush(row)
+            h._finish("length")
+            return False
+        return True
+
+    def _flush(self, row: _Row) -> None:
+        """At the end, whatever the incremental decoding held back (an incomplete UTF-8 sequence)."""
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        if text.startswith(row.handle.text):
+            row.handle._push_delta(text[len(row.handle.text) :])
 
 
 __all__ = [
@@ -454,6 +800,8 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "SamplingParams",
+    "choose_tokens",
+    "detokenize_step",
     "eos_token_ids",
     "repetition_processors",
 ]
