@@ -182,6 +182,7 @@ def build_service(
             batching=serve.batching,
             max_batch_size=serve.max_batch_size,
             batch_wait_ms=serve.batch_wait_ms,
+            prefill_chunk_tokens=serve.prefill_chunk_tokens,
             on_batch=on_batch,
         )
     index = None

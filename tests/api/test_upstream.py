@@ -200,10 +200,11 @@ def test_build_service_in_openai_mode_loads_no_weights_and_answers_as_locally(up
         upstream_models=RAGLORA_NAMES,
     )
     proxied = build_service(cfg, serve=serve, model_and_tokenizer=(None, tok))  # no model: it must not need one
-    local_serve = ServeConfig(db_path=str(tmp_path / "l.db"))
+    local_serve = ServeConfig(db_path=str(tmp_path / "l.db"), prefill_chunk_tokens=32)
     local = build_service(cfg, serve=local_serve, model_and_tokenizer=(make_tiny_model(tok), tok))
     try:
         assert isinstance(proxied.generator, UpstreamGenerator)
+        assert local.generator.prefill_chunk_tokens == 32  # the local engine gets its serve settings
         assert proxied.models.stage_names == list(STAGES) and proxied.default_stage == "subdomain"
         assert proxied.versions["generator"]["models"]["(base)"] == "raglora-base"  # the upstream's first model
         params = SamplingParams(max_new_tokens=16)
