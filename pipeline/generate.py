@@ -420,8 +420,9 @@ class _Row:
 
 
 def choose_tokens(rows: list[_Row], logits: torch.Tensor) -> list[int]:
-    """The next token of each row from its (rows, vocab) float logits, modified in place: repetition control
-    on the row's own answer for the rows that ask for it, one argmax for the greedy rows, a draw for the rest."""
+    """The next token of each engine row from its (rows, vocab) float logits, modified in place: repetition
+    control on the row's own answer for the rows that ask for it, one argmax for all rows, a draw for the
+    sampling rows."""
     ban_rows: list[int] = []
     ban_cols: list[int] = []
     sampled = []
@@ -500,7 +501,7 @@ class _Running:
             self.__init__()
             return
         idx = torch.tensor(keep, dtype=torch.long)
-        self.cache.batch_select_indices(idx.to(self.pos.device))
+        self.cache.batch_select_indices(idx.to(self.cache.layers[0].device))
         self.rows = [self.rows[i] for i in keep]
         self.pos, self.next = self.pos[idx], self.next[idx]
         self._changed()
@@ -800,7 +801,6 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "SamplingParams",
-    "choose_tokens",
     "detokenize_step",
     "eos_token_ids",
     "repetition_processors",

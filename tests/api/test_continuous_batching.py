@@ -183,6 +183,25 @@ def test_incremental_detokenisation_equals_full_decode(tok):
     assert max(windows) <= 8 < len(ids)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_incremental_ngram_ban_equals_transformers_processor(n):
+    """The engine keeps the n-gram ban per row incrementally; it bans what NoRepeatNGramLogitsProcessor bans on
+    the answer so far, at every length."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    g = torch.Generator().manual_seed(n)
+    answer = torch.randint(0, 6, (60,), generator=g).tolist()  # a small alphabet: many repeated n-grams
+    row = generate._Row(generate.GenerationHandle([1], None, SamplingParams(no_repeat_ngram_size=n)), "cpu")
+    banned_any = False
+    for token in answer:
+        row.append(token)
+        scores = NoRepeatNGramLogitsProcessor(n)(torch.tensor([row.tokens]), torch.zeros(1, 6))
+        expected = set(torch.nonzero(scores[0] == -float("inf")).flatten().tolist())
+        assert set(row.banned()) == expected
+        banned_any |= bool(expected)
+    assert banned_any
+
+
 def test_engine_text_equals_decoded_tokens(base_models, tok):
     gen = Generator(base_models, batching=True, batch_wait_ms=20)
     try:
