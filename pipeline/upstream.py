@@ -198,7 +198,6 @@ class UpstreamGenerator:
     """Generation by an OpenAI-compatible engine; `submit()` from any thread or event loop (see the module doc)."""
 
     batching = False  # the engine batches; raglora does not
-    eos_ids: set[int] = set()
 
     def __init__(
         self,
@@ -236,7 +235,8 @@ class UpstreamGenerator:
         self.model_names = resolve_upstream_models(
             listed, models.stage_names, dict(upstream_models or {}), base_model, self.url
         )
-        window = cards.get(self.model_names[None], {}).get("max_model_len")
+        window = cards.get(self.model_names[None], {}).get("max_model_len")  # vLLM reports it
+        window = window if isinstance(window, int) and window > 0 else None
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         models.context_window = int(
             window or context_window or (tok_max if tok_max and tok_max < 1_000_000 else FALLBACK_CONTEXT_WINDOW)
