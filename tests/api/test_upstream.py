@@ -265,7 +265,9 @@ def fake_upstream(behaviour: dict) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": n, "object": "model"} for n in ("tiny", *RAGLORA_NAMES.values())]}
+        cards = [{"id": n, "object": "model"} for n in ("tiny", *RAGLORA_NAMES.values())]
+        cards[0]["max_model_len"] = 300  # as vLLM reports it
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/completions")
     async def completions():
@@ -331,6 +333,11 @@ def test_upstream_that_goes_down_gives_502_and_stores_no_turn(adapters_dir, tmp_
         assert resp.status_code == 502
         assert url in resp.json()["error"]["message"] and "unreachable" in resp.json()["error"]["message"]
         assert _stored(client, "c-down") == []
+
+
+def test_the_engines_max_model_len_is_the_context_window_prompts_are_fitted_to(fake):
+    _, client = fake
+    assert client.app.state.service.models.context_window == 300  # over the configured 512
 
 
 def test_a_cancelled_request_closes_its_upstream_stream(adapters_dir):
