@@ -71,9 +71,8 @@ def test_adapter_strategies(tiny, tmp_path):
     assert adapter_strategies.main(argv) == 0
     rows = _report(tmp_path, "adapter_strategies")["results"]["strategies"]
     assert set(rows) == {"merged", "stack", "cumulative"}
-    # one model copy per stage for merged (3 stages + the base), one base for the others
-    assert rows["merged"]["tensor_mb"] > 2.5 * rows["cumulative"]["tensor_mb"]
-    assert rows["stack"]["tensor_mb"] < 1.5 * rows["cumulative"]["tensor_mb"]
+    # merged holds a model copy per stage; cumulative's chain adapters (ranks 16+32+48) outweigh stack's 3 x 16
+    assert rows["merged"]["tensor_mb"] > rows["cumulative"]["tensor_mb"] > rows["stack"]["tensor_mb"]
     for r in rows.values():
         assert r["same_answers_as_merged"] == 2 and r["decode_ms_per_token"] > 0
 
