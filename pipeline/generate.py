@@ -14,7 +14,9 @@ request joins between two decode steps and never waits for a whole batch to fini
   the 2-D attention mask, rebuilt each step from each row's token count, and every row has its own position ids.
 - Chunked prefill: joining prompts are prefilled in their own cache, at most `prefill_chunk_tokens` (padded)
   tokens per step, then merged, so running streams stall for at most one chunk per step. Short prompts that
-  arrive together share one chunk; a long prompt is split over several steps.
+  arrive together share one chunk; a long prompt is split over several steps. A single joining prompt that
+  starts like the previous prompt of its stage (the same system prompt) copies that start's stored K/V instead
+  of prefilling it again (automatic prefix caching as in vLLM, one entry per stage; `prefix_tokens_reused`).
 - Stages: when `models.mixes_stages` (cumulative adapters) rows of any stage share a forward through
   `models.use_rows(stages)` (PEFT's per-row `adapter_names`). Otherwise the running batch holds one stage at a
   time: waiting requests are admitted oldest first and a request of another stage at the head of the queue
@@ -62,6 +64,7 @@ log = logging.getLogger("raglora.generate")
 MIN_SAMPLING_TEMPERATURE = 1e-5
 CACHE_HEADROOM = 64  # free cache columns a buffer gets when it is (re)allocated; it then grows by half
 BATCH_SIZES_KEPT = 10_000  # `Generator.batch_sizes` keeps the most recent decode steps only
+PREFIX_MIN_TOKENS = 32  # a shared prompt start shorter than this is prefilled again (not worth a cache copy)
 
 
 # -- requests and streaming ------------------------------------------------------------------------------
@@ -347,6 +350,16 @@ class _SlotLayer(DynamicLayer):
         raise NotImplementedError("the engine's cache is not cropped")
 
     @classmethod
+    def prefilled(cls, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> _SlotLayer:
+        """A layer holding a copy of `keys`/`values` (a stored prompt start) with room for `capacity` columns."""
+        out = cls(capacity)
+        out.lazy_initialization(keys, values)
+        out.n = keys.shape[-2]
+        out._k[:, :, : out.n], out._v[:, :, : out.n] = keys, values
+        out._views()
+        return out
+
+    @classmethod
     def stacked(cls, top: _SlotLayer, bottom: _SlotLayer, width: int) -> _SlotLayer:
         """`top`'s rows then `bottom`'s, each right-aligned to `width` columns (the shorter one left-padded)."""
         out = cls()
@@ -458,6 +471,8 @@ class _Joining:
         self.ids = ids
         self.starts = torch.tensor([self.width - n for n in self.lengths], dtype=torch.long)  # first real column
         self.done = 0  # columns prefilled so far
+        self.capacity = capacity
+        self.reused = 0  # prompt tokens copied from a stored prompt start instead of prefilled
         self.cache = _new_cache(capacity)
         for r in rows:
             r.handle.batch_size = max(r.handle.batch_size, len(rows))
@@ -560,6 +575,11 @@ class Generator:
         self._waiting: deque[GenerationHandle] = deque()
         self._joining: _Joining | None = None
         self._running = _Running()
+        # Per stage, the K/V of a recent prompt's start (prompts of one mode share their system prompt): a
+        # single joining prompt that starts the same way copies it instead of prefilling it (vLLM's automatic
+        # prefix caching, one entry per stage). The K/V depend on the stage's adapters, hence the key.
+        self._prefixes: dict[str | None, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.prefix_tokens_reused = 0
         self._stopping = False
         self._closing = False
         self._thread = threading.Thread(target=self._worker, name="raglora-generator", daemon=True)
@@ -671,6 +691,36 @@ class Generator:
         if rows:
             headroom = min(CACHE_HEADROOM, max(r.params.max_new_tokens for r in rows))
             self._joining = _Joining(rows, self.pad_id, width + headroom)
+            if len(rows) == 1:
+                self._reuse_prefix(self._joining)
+
+    def _reuse_prefix(self, j: _Joining) -> None:
+        """Start a single joining prompt from its stage's stored prompt start when they share enough tokens,
+        and keep only the shared part stored (traffic converges on the common start, e.g. a system prompt)."""
+        stage, prompt = j.rows[0].stage, j.rows[0].handle.prompt_ids
+        stored = self._prefixes.get(stage)
+        if stored is None:
+            return
+        tokens, kv = stored
+        n, limit = 0, min(len(tokens), len(prompt) - 1)  # at least one token left to prefill for the logits
+        while n < limit and tokens[n] == prompt[n]:
+            n += 1
+        if n < PREFIX_MIN_TOKENS:
+            return
+        if n < len(tokens):
+            kv = [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
+            self._prefixes[stage] = (tokens[:n], kv)
+        j.cache.layers = [_SlotLayer.prefilled(k, v, j.capacity) for k, v in kv]
+        j.done = j.reused = n
+        self.prefix_tokens_reused += n
+
+    def _store_prefix(self, j: _Joining) -> None:
+        """After a single prompt's prefill that found nothing to reuse, store its K/V for the next ones."""
+        stage, prompt = j.rows[0].stage, j.rows[0].handle.prompt_ids
+        if len(prompt) <= PREFIX_MIN_TOKENS:
+            return
+        kv = [(layer.keys[:1].clone(), layer.values[:1].clone()) for layer in j.cache.layers]
+        self._prefixes[stage] = (list(prompt), kv)
 
     @contextlib.contextmanager
     def _module(self, stages: list[str | None]):
@@ -715,6 +765,8 @@ class Generator:
             if c1 < j.width:
                 return
             self._joining = None
+            if len(j.rows) == 1 and not j.reused:
+                self._store_prefix(j)
             tokens = choose_tokens(j.rows, logits)
             now = time.perf_counter()
             lengths = torch.tensor(j.lengths, dtype=torch.long)

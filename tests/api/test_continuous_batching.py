@@ -156,8 +156,42 @@ def test_chunked_prefill_equals_whole_prompt_and_keeps_streams_running(base_mode
     finally:
         chunked.close()
     alone_steps = sizes[mark:].index(2)  # decode steps of the runner alone while the joiner was prefilled
-    assert alone_steps >= len(prompt) // 8 - 2
+    assert alone_steps >= (len(prompt) - chunked.prefix_tokens_reused) // 8 - 2  # the system prompt was reused
     _assert_logits_equal_unbatched(base_models.base, seen)
+
+
+def test_a_shared_prompt_start_is_reused_not_prefilled_again(base_models, tok, adapters_dir, monkeypatch):
+    """A prompt that starts like the previous one of its stage (the same system prompt) copies that start's
+    K/V instead of prefilling it, with the logits of a full forward; another stage's K/V are never reused."""
+    first, second = prompt_ids(tok, "Do I need a permit for a deck?"), prompt_ids(tok, LONG_QUESTION)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared >= generate.PREFIX_MIN_TOKENS
+    params = SamplingParams(max_new_tokens=12)
+    expected = _alone(base_models, second, params=params)
+    gen = Generator(base_models, batching=False)
+    seen = _record_logits(monkeypatch)
+    try:
+        gen.generate(first, params=params)
+        assert gen.prefix_tokens_reused == 0
+        again = gen.submit(second, params=params)
+        again.result(timeout=30)
+    finally:
+        gen.close()
+    assert gen.prefix_tokens_reused == shared
+    assert again.token_ids == expected.token_ids
+    _assert_logits_equal_unbatched(base_models.base, seen)
+
+    staged = Generator(StageModels(make_tiny_model(tok), tok, adapters_dir), batching=False)
+    try:
+        staged.generate(first, stage="general", params=params)
+        other = staged.generate(second, stage="domain", params=params)
+        assert staged.prefix_tokens_reused == 0
+        same = staged.generate(second, stage="general", params=params)
+        assert staged.prefix_tokens_reused == shared
+    finally:
+        staged.close()
+    assert other.text == _alone(staged.models, second, stage="domain", params=params).text
+    assert same.text == _alone(staged.models, second, stage="general", params=params).text
 
 
 def test_incremental_detokenisation_equals_full_decode(tok):
