@@ -784,7 +784,7 @@ class Generator:
             log.exception("prefill failed for %d joining requests", len(j.rows))
             self._joining = None
             for r in j.rows:
-                r.handle._finish("error", RagloraError(f"generation failed: {type(exc).__name__}: {exc}"))
+                r.handle._finish("error", RagloraError(f"generation failed: {type(exc).__name__}"))
 
     def _decode_step(self) -> None:
         """One token for every running row (one forward), streamed; finished rows leave the batch."""
@@ -809,7 +809,7 @@ class Generator:
         except Exception as exc:  # never kill the worker: fail this step's requests instead
             log.exception("decode step failed for a batch of %d", len(run.rows))
             for r in run.rows:
-                r.handle._finish("error", RagloraError(f"generation failed: {type(exc).__name__}: {exc}"))
+                r.handle._finish("error", RagloraError(f"generation failed: {type(exc).__name__}"))
             self._running = _Running()
             return
         self.batches_run += 1
