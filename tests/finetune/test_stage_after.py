@@ -113,10 +113,18 @@ def test_a_sibling_stage_trains_on_its_named_parent_and_subdomain_stays_the_defa
     ]  # fmt: skip
 
 
-def test_the_demo_config_has_the_raft_paper_variant_as_a_sibling_evaluation_arm():
-    from pipeline.config import load_config
+def test_the_demo_configs_opt_in_raft_paper_variant_is_a_sibling_evaluation_arm_once_uncommented():
+    import re
 
-    cfg = load_config(REPO / "configs" / "default.yaml")
+    import yaml
+
+    from pipeline.config import _validate
+
+    text = (REPO / "configs" / "default.yaml").read_text()
+    block = re.search(r"^    # - name: domain-raft-answer\n(?:    #   .*\n)+", text, re.M)
+    assert block, "the commented domain-raft-answer stage is gone from configs/default.yaml"
+    uncommented = re.sub(r"^    # ", "    ", block.group(0), flags=re.M)
+    cfg = _validate(yaml.safe_load(text.replace(block.group(0), uncommented)), "default.yaml, uncommented")
     ft = cfg.finetune
     main = ft.stage("domain")
     variant = ft.stage("domain-raft-answer")
