@@ -289,8 +289,8 @@ serve:
   db_path: artifacts/conversations.db
   batching: true
   batch_wait_ms: 10
-  max_batch_size: 8
-  adapter_strategy: merged
+  max_batch_size: 16
+  adapter_strategy: cumulative    # one base + one LoRA per stage (its chain); merged: a copy per stage; or stack
   handoff_threshold: 0.3          # best dense cosine below this: hand over to a person
   default_mode: rag+lora
   default_stage: null             # null: the deepest trained stage
