@@ -37,7 +37,10 @@ class ApiMetrics:
         self.completion_tokens = Counter("raglora_completion_tokens", "Generated tokens", ["mode"], registry=r)
         self.handoffs = Counter("raglora_handoffs", "Hand-offs to a person", ["reason"], registry=r)
         self.batch_size = Histogram(
-            "raglora_batch_size", "Requests per generate() batch", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r
+            "raglora_batch_size",
+            "Rows per decode step of the continuous batcher",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
         )
         self.rate_limited = Counter("raglora_rate_limited", "Requests refused by the rate limit", registry=r)
         self.auth_failures = Counter("raglora_auth_failures", "Requests with a missing or wrong API key", registry=r)
