@@ -291,6 +291,11 @@ serve:
   batch_wait_ms: 10
   max_batch_size: 16
   adapter_strategy: cumulative    # one base + one LoRA per stage (its chain); merged: a copy per stage; or stack
+  prefill_chunk_tokens: 256       # a joining prompt is prefilled in chunks this size between decode steps
+  generator: local                # openai: token generation by vLLM / llama.cpp server / TGI at upstream_url
+  # upstream_url: http://gpu-box:8000/v1   # with generator: openai (stages exported by `raglora export`)
+  # db_url: postgresql+psycopg://user@db/raglora   # a store shared by several API replicas (default: db_path)
+  client_system: append           # clients' system messages: append after the project's prompt, or reject (400)
   handoff_threshold: 0.3          # best dense cosine below this: hand over to a person
   default_mode: rag+lora
   default_stage: null             # null: the deepest trained stage
