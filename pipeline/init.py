@@ -312,7 +312,7 @@ eval:
 {eval_sets}
   max_new_tokens: 48
   batch_size: 16
-  speedup_questions: 8
+  speedup_questions: 16            # answered one at a time and as one batch (= batch_size): the speed-up
 """
 
 
