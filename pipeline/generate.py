@@ -538,6 +538,19 @@ class _Running:
 # -- the engine -------------------------------------------------------------------------------------------
 
 
+def accept(
+    generator, prompt_ids: list[int], stage: str | None, params: SamplingParams | None, loop
+) -> GenerationHandle:
+    """The checks every generator (this engine, `pipeline.upstream.UpstreamGenerator`) makes before it takes a
+    request, and the handle it then feeds."""
+    if generator._closing:
+        raise RagloraError("the server is shutting down; retry shortly")
+    if not prompt_ids:
+        raise RagloraError("empty prompt")
+    generator.models.check_stage(stage)
+    return GenerationHandle(prompt_ids, stage, params or SamplingParams(), loop=loop)
+
+
 class Generator:
     """Owns the model in one worker thread; `submit()` from any thread or event loop."""
 
@@ -595,12 +608,7 @@ class Generator:
         params: SamplingParams | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> GenerationHandle:
-        if self._closing:
-            raise RagloraError("the server is shutting down; retry shortly")
-        if not prompt_ids:
-            raise RagloraError("empty prompt")
-        self.models.check_stage(stage)
-        handle = GenerationHandle(prompt_ids, stage, params or SamplingParams(), loop=loop)
+        handle = accept(self, prompt_ids, stage, params, loop)
         self._q.put(handle)
         return handle
 
@@ -853,6 +861,7 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "SamplingParams",
+    "accept",
     "detokenize_step",
     "eos_token_ids",
     "repetition_processors",

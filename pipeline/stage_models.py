@@ -113,7 +113,28 @@ STRATEGIES = ("stack", "merged", "cumulative")
 BASE_ROW = "__base__"  # PEFT's adapter name for rows that run on the plain base in a mixed batch
 
 
-class StageModels:
+class StageSet:
+    """The trained stages by name (`stages`), in `order_stages` order: what routing needs, whether the weights are
+    here (`StageModels`) or in an external engine (`pipeline.upstream.UpstreamModels`)."""
+
+    stages: dict[str, StageInfo]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return list(self.stages)
+
+    @property
+    def deepest_stage(self) -> str | None:
+        """The end of the longest parent chain: the default stage when `serve.default_stage` is None."""
+        return deepest_stage(list(self.stages.values()))
+
+    def check_stage(self, stage: str | None) -> None:
+        if stage is not None and stage not in self.stages:
+            have = ", ".join(self.stages) or "none trained"
+            raise RagloraError(f"stage adapter {stage!r} is not available (have: {have})")
+
+
+class StageModels(StageSet):
     """The base model plus every stage adapter, loaded once; `use(stage)` switches without reloading.
 
     `adapter_loads` counts adapter weight loads (tests assert it does not grow when requests switch stage).
@@ -228,15 +249,6 @@ class StageModels:
         return f"s{list(self.stages).index(stage)}_{re.sub(r'[^0-9A-Za-z_-]', '_', stage)}"
 
     @property
-    def stage_names(self) -> list[str]:
-        return list(self.stages)
-
-    @property
-    def deepest_stage(self) -> str | None:
-        """The end of the longest parent chain: the default stage when `serve.default_stage` is None."""
-        return deepest_stage(list(self.stages.values()))
-
-    @property
     def context_window(self) -> int:
         cfg = self.base.config
         return int(getattr(cfg, "max_position_embeddings", None) or getattr(self.tokenizer, "model_max_length", 2048))
@@ -244,11 +256,6 @@ class StageModels:
     @property
     def device(self) -> torch.device:
         return next(self.base.parameters()).device
-
-    def check_stage(self, stage: str | None) -> None:
-        if stage is not None and stage not in self.stages:
-            have = ", ".join(self.stages) or "none trained"
-            raise RagloraError(f"stage adapter {stage!r} is not available (have: {have})")
 
     @contextlib.contextmanager
     def use(self, stage: str | None):
@@ -301,4 +308,13 @@ class StageModels:
         yield self.peft, {"adapter_names": [BASE_ROW if s is None else self.adapter_name(s) for s in stages]}
 
 
-__all__ = ["BASE_ROW", "STRATEGIES", "StageInfo", "StageModels", "deepest_stage", "discover_stages", "order_stages"]
+__all__ = [
+    "BASE_ROW",
+    "STRATEGIES",
+    "StageInfo",
+    "StageModels",
+    "StageSet",
+    "deepest_stage",
+    "discover_stages",
+    "order_stages",
+]

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import httpx
 
-from pipeline.generate import GenerationHandle, GenerationResult, SamplingParams
-from pipeline.stage_models import StageInfo, deepest_stage, discover_stages
+from pipeline.generate import GenerationHandle, GenerationResult, SamplingParams, accept
+from pipeline.stage_models import StageInfo, StageSet, discover_stages
 from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.upstream")
@@ -57,7 +57,7 @@ class UpstreamTimeout(UpstreamError):
 
 
 @dataclass
-class UpstreamModels:
+class UpstreamModels(StageSet):
     """What routing and prompting need of `StageModels`, without weights: the trained stages (from the manifests
     under the adapters folder) and the context window."""
 
@@ -71,19 +71,6 @@ class UpstreamModels:
     @classmethod
     def from_adapters(cls, tokenizer, adapters_dir: str | Path | None, **kwargs) -> UpstreamModels:
         return cls(tokenizer, {s.name: s for s in discover_stages(adapters_dir)}, **kwargs)
-
-    @property
-    def stage_names(self) -> list[str]:
-        return list(self.stages)
-
-    @property
-    def deepest_stage(self) -> str | None:
-        return deepest_stage(list(self.stages.values()))
-
-    def check_stage(self, stage: str | None) -> None:
-        if stage is not None and stage not in self.stages:
-            have = ", ".join(self.stages) or "none trained"
-            raise RagloraError(f"stage adapter {stage!r} is not available (have: {have})")
 
 
 def api_root(url: str) -> str:
@@ -282,12 +269,7 @@ class UpstreamGenerator:
         params: SamplingParams | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> GenerationHandle:
-        if self._closing:
-            raise RagloraError("the server is shutting down; retry shortly")
-        if not prompt_ids:
-            raise RagloraError("empty prompt")
-        self.models.check_stage(stage)
-        handle = GenerationHandle(prompt_ids, stage, params or SamplingParams(), loop=loop)
+        handle = accept(self, prompt_ids, stage, params, loop)
         self._loop.call_soon_threadsafe(self._start, handle)
         return handle
 
