@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# What torch.Generator.manual_seed takes; outside it a request is a 422, never a failed generation.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class TextPart(BaseModel):
@@ -46,7 +49,7 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     conversation_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
 
     @field_validator("messages")

@@ -185,6 +185,7 @@ BAD_REQUESTS = [
     ("max_tokens string", {**chat_body(), "max_tokens": "many"}, 422),
     ("temperature", {**chat_body(), "temperature": 5}, 422),
     ("n=2", {**chat_body(), "n": 2}, 422),
+    ("seed beyond what a torch generator takes", {**chat_body(), "temperature": 0.7, "seed": 2**70}, 422),
     ("long message", chat_body("x" * 2001), 422),
     ("too many messages", {"messages": [{"role": "user", "content": "hi"}] * 51}, 422),
     ("bad conversation id", {**chat_body(), "conversation_id": "../../etc"}, 422),

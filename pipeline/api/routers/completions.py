@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.answer import AnswerService
 from pipeline.api.deps import MetricsDep, PrincipalDep, ServiceDep, SettingsDep
 from pipeline.api.errors import ApiError
-from pipeline.api.schemas import StreamOptions, error_responses
+from pipeline.api.schemas import Seed, StreamOptions, error_responses
 from pipeline.api.settings import ServeConfig
 from pipeline.generate import GenerationHandle, SamplingParams
 from pipeline.routing import LORA_MODES, RAG_MODES, UnknownModel
@@ -49,7 +49,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
