@@ -59,6 +59,7 @@ class Server:
     def __init__(self, args, batching: bool, workdir: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.shared_threads = args.shared_threads
         self.log = workdir / f"server-{'on' if batching else 'off'}.log"
         self.cmd = [
             sys.executable, "-m", "bench.serve_app", "--port", str(self.port), "--base", args.base,
@@ -76,7 +77,8 @@ class Server:
         import httpx
 
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=child_env(), stdout=log, stderr=log)
+            env = child_env(**({"RAGLORA_ENGINE_OWNS_THREADS": "0"} if self.shared_threads else {}))
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=log, stderr=log)
         t0 = time.perf_counter()
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -192,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batching", default="on,off", help="server settings to run: on,off (default both)")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--adapter-strategy", default=None, help="serve.adapter_strategy (default: the config's)")
+    ap.add_argument(
+        "--shared-threads",
+        action="store_true",
+        help="RAGLORA_ENGINE_OWNS_THREADS=0 in the server: the embedder's threads keep torch's thread count too",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out-dir", default="reports/bench")
     args = ap.parse_args(argv)

@@ -57,6 +57,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from pipeline.stage_models import StageModels
+from raglora import threads
 from raglora.errors import RagloraError
 
 log = logging.getLogger("raglora.generate")
@@ -595,6 +596,11 @@ class Generator:
         self.prefix_tokens_reused = 0
         self._stopping = False
         self._closing = False
+        # On CPU this thread keeps torch's intra-op threads; embedder work on other threads runs on one while the
+        # engine runs (raglora.threads).
+        self._cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else None
+        if self._cpu_threads:
+            threads.engine_started()
         self._thread = threading.Thread(target=self._worker, name="raglora-generator", daemon=True)
         self._thread.start()
 
@@ -624,6 +630,8 @@ class Generator:
         self._closing = True
         self._q.put(None)
         self._thread.join(timeout)
+        if self._cpu_threads:
+            threads.engine_stopped()
 
     # Worker ------------------------------------------------------------------------------------------------
 
@@ -654,6 +662,8 @@ class Generator:
                 return
 
     def _worker(self) -> None:
+        if self._cpu_threads:
+            torch.set_num_threads(self._cpu_threads)  # this thread's own setting: what its creator had
         with torch.inference_mode():
             while True:
                 idle = not self._running.rows and self._joining is None and not self._waiting

@@ -14,6 +14,7 @@ import numpy as np
 from raglora.errors import RagloraError
 from raglora.packaged import PREFIX as PACKAGED_PREFIX
 from raglora.packaged import packaged_model
+from raglora.threads import side_work
 
 _CACHE: dict[tuple[str, str], SentenceTransformerEmbedder] = {}
 
@@ -42,13 +43,14 @@ class SentenceTransformerEmbedder:
     def encode(self, texts: list[str], *, batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self.model.encode(
-            list(texts),
-            batch_size=batch_size,
-            show_progress_bar=show_progress,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-        )
+        with side_work():  # single-threaded while a generation engine owns the CPU threads
+            vectors = self.model.encode(
+                list(texts),
+                batch_size=batch_size,
+                show_progress_bar=show_progress,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+            )
         return normalise(np.asarray(vectors, dtype=np.float32))
 
     def __repr__(self) -> str:
