@@ -243,7 +243,7 @@ index:
   chunk_size: 800
   chunk_overlap: 100
   faq_include_question: false
-  index_type: flat                # flat (exact) | ivf | hnsw for large corpora
+  index_type: auto                # auto (flat <50k chunks, ivf <5M, ivfpq above) | flat | ivf | hnsw | ivfpq
   batch_size: 64
   language: {language}                    # detected by init; BM25 stemming and stop words
 

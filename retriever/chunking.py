@@ -28,6 +28,19 @@ class Chunk:
     content_hash: str
     doc_hash: str
     metadata: dict = field(default_factory=dict)
+    # Hypothetical questions this chunk answers (index.doc_questions): embedded and keyword-indexed with the
+    # text so a customer's question meets a question, never shown or cited.
+    questions: list[str] = field(default_factory=list)
+
+    @property
+    def index_text(self) -> str:
+        """What the embedder and BM25 see: the text, then its questions."""
+        return "\n".join([self.text, *self.questions]) if self.questions else self.text
+
+    @property
+    def vector_key(self) -> str:
+        """Identity of the embedded text, for reusing vectors across builds."""
+        return sha256("\x00".join([self.content_hash, *self.questions])) if self.questions else self.content_hash
 
     def to_dict(self) -> dict:
         return {
@@ -40,11 +53,13 @@ class Chunk:
             "content_hash": self.content_hash,
             "doc_hash": self.doc_hash,
             "metadata": self.metadata,
+            **({"questions": self.questions} if self.questions else {}),
         }
 
     @classmethod
     def from_dict(cls, row: dict) -> Chunk:
-        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+        optional = {"questions"}
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__ if k not in optional or k in row})
 
 
 def sha256(text: str) -> str:
