@@ -219,6 +219,7 @@ class AnswerService:
         judge_calibration: dict | None = None,
         citation_policy: str = "keep",
         max_unsupported_share: float = 0.5,
+        reranker=None,
     ):
         from finetune.prompt import load_system_prompt
         from retriever.config import RetrievalConfig
@@ -233,6 +234,7 @@ class AnswerService:
         self.retrieval = {**RetrievalConfig().model_dump(), **(retrieval or {})}
         self.handoff_threshold = handoff_threshold
         self.gate = gate  # pipeline.gate.Gate or None (then the handoff_threshold rule)
+        self.reranker = reranker  # retriever.rerank reranker (retrieval.reranker, loaded once) or None
         self.judge = judge
         self.judge_calibration = judge_calibration  # how the judge's threshold was chosen (evaluation reports it)
         self.citation_policy = citation_policy
@@ -278,7 +280,13 @@ class AnswerService:
             k=rc["k"],
             mode=rc["mode"],
             exclude=exclude_chunks,
-            **{key: rc[key] for key in ("rrf_k", "dense_weight", "bm25_weight", "candidates") if key in rc},
+            reranker=self.reranker,
+            rerank_depth=rc["rerank_depth"],
+            **{
+                key: rc[key]
+                for key in ("rrf_k", "dense_weight", "bm25_weight", "candidates", "nprobe", "ef_search")
+                if key in rc
+            },
         )
         contexts = [h.to_dict() if hasattr(h, "to_dict") else dict(h) for h in hits]
         if self.handoff_threshold is None:

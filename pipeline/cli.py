@@ -52,12 +52,16 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from retriever.embedder import load_embedder
-    from retriever.index import build_index
+    from retriever.index import build_index, verify_index
 
     cfg = _config(args)
     ic = cfg.index
     docs = args.docs or ic.docs
     out = args.out or cfg.paths.index_dir
+    if getattr(args, "verify", False):
+        manifest = verify_index(out)
+        print(f"index {out}: {manifest['counts']['chunks']} chunks, every file matches its manifest checksum")
+        return 0
     missing = [d for d in docs if not Path(d).exists()]
     if missing:  # before loading the embedder, so a typo fails in milliseconds
         raise RagloraError(f"documents not found: {', '.join(missing)}")
@@ -73,7 +77,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         batch_size=ic.batch_size,
         language=ic.language,
         ivf_nlist=ic.ivf_nlist,
+        pq_m=ic.pq_m,
         hnsw_m=ic.hnsw_m,
+        backend=ic.backend,
+        qdrant=ic.qdrant,
     )
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -123,6 +130,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         dense_weight=rc.dense_weight,
         bm25_weight=rc.bm25_weight,
         candidates=rc.candidates,
+        nprobe=rc.nprobe,
+        ef_search=rc.ef_search,
     )
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))
@@ -331,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("index", cmd_index, "Build or incrementally update the retrieval index.")
     p.add_argument("--docs", nargs="+", metavar="PATH", help="files or folders to index (default: index.docs)")
     p.add_argument("--out", metavar="DIR", help="index folder (default: paths.index_dir)")
+    p.add_argument(
+        "--verify", action="store_true", help="check every file of the built index against its checksums; no build"
+    )
 
     p = add("gate", cmd_gate, "Fit the answerability gate on validation data (needs data and index).")
     p.add_argument("--out", metavar="DIR", help="gate folder (default: paths.gate_dir)")

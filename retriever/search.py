@@ -91,6 +91,7 @@ class Hit:
     rank: int  # 1-based
     dense_score: float | None = None  # cosine similarity
     bm25_score: float | None = None
+    rerank_score: float | None = None  # the cross-encoder's, when a reranker re-scored the hits
 
     def to_dict(self) -> dict:
         c = self.chunk
@@ -99,6 +100,7 @@ class Hit:
             "score": self.score,
             "dense_score": self.dense_score,
             "bm25_score": self.bm25_score,
+            "rerank_score": self.rerank_score,
             "chunk_id": c.chunk_id,
             "source": c.source,
             "title": c.title,
@@ -126,27 +128,30 @@ def reciprocal_rank_fusion(rankings: list[list[int]], weights: list[float], k: i
     return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
 
 
-def _field_values(chunk: Chunk, key: str) -> list[str]:
+def field_values(chunk: Chunk, key: str) -> list[str]:
+    """A chunk's values of a filter field, as strings (a list-valued metadata key gives each item)."""
     value = getattr(chunk, key) if key in CHUNK_FIELDS else chunk.metadata.get(key)
     if value is None:
         return []
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def filter_mask(chunks: list[Chunk], filters: dict | None) -> np.ndarray | None:
-    """Boolean mask of chunks matching every filter key (a list value means any of). None when no filter."""
+def parse_filters(filters: dict | None, known: Collection[str]) -> dict[str, set[str]]:
+    """{field: allowed values as strings} (a list value means any of); unknown fields and empty lists refused."""
     if not filters:
-        return None
-    mask = np.ones(len(chunks), dtype=bool)
+        return {}
+    if not isinstance(filters, dict):
+        raise RagloraError(f"filters must be an object of field -> value(s), got {type(filters).__name__}")
+    parsed = {}
     for key, wanted in filters.items():
         allowed = {str(v) for v in (wanted if isinstance(wanted, (list, tuple, set)) else [wanted])}
         if not allowed:
             raise RagloraError(f"filter {key!r} has no values")
-        if key not in CHUNK_FIELDS and not any(key in c.metadata for c in chunks):
-            known = sorted({k for c in chunks for k in c.metadata} | set(CHUNK_FIELDS))
-            raise RagloraError(f"unknown filter field {key!r}; this index has: {', '.join(known)}")
-        mask &= np.array([not allowed.isdisjoint(_field_values(c, key)) for c in chunks], dtype=bool)
-    return mask
+        if key not in CHUNK_FIELDS and key not in known:
+            names = sorted(set(known) | set(CHUNK_FIELDS))
+            raise RagloraError(f"unknown filter field {key!r}; this index has: {', '.join(names)}")
+        parsed[key] = allowed
+    return parsed
 
 
 def normalise_language(language: str | None) -> str:
@@ -226,17 +231,6 @@ def top_ids(scores: np.ndarray, depth: int, mask: np.ndarray | None = None, posi
     return ids[order].tolist()
 
 
-def dense_ranking(index, query_vector: np.ndarray, depth: int, mask: np.ndarray | None) -> list[int]:
-    """Best chunk ids by cosine. Unfiltered: the faiss index. Filtered: exact search over the allowed vectors."""
-    if mask is not None:
-        return top_ids(index.vectors @ query_vector, depth, mask)
-    depth = min(depth, len(index.chunks))
-    if depth == 0:
-        return []
-    _, ids = index.faiss_index.search(query_vector[None, :].astype(np.float32), depth)
-    return [int(i) for i in ids[0] if i >= 0]
-
-
 def search(
     index,
     query: str,
@@ -249,14 +243,23 @@ def search(
     bm25_weight: float = DEFAULTS.bm25_weight,
     candidates: int = DEFAULTS.candidates,
     exclude: Collection[str] = (),
+    nprobe: int | None = DEFAULTS.nprobe,
+    ef_search: int | None = DEFAULTS.ef_search,
+    query_vector: np.ndarray | None = None,
+    reranker=None,
+    rerank_depth: int = DEFAULTS.rerank_depth,
 ) -> list[Hit]:
-    """Search an Index (see retriever.index). Each retriever contributes max(candidates, k) ids to the fusion.
+    """Search a store: the FAISS `retriever.index.Index` or the Qdrant store (`retriever.vectordb`).
 
-    Defaults are the `retrieval` config section's (retriever.config.RetrievalConfig); BM25 analyses the query in
-    the index's language (`index.language`, from its manifest). `exclude`: chunk ids never returned, removed
-    before the top-k cut like a filter (evaluation's "gold removed" questions: retrieval without the answer).
+    The store ranks (dense: exact cosine of its ANN candidates; keyword: BM25), filters and `exclude` applied
+    before its top-k cut; this function fuses, builds Hits and reranks. Each ranking is max(candidates, k) deep
+    (and at least `rerank_depth` with a reranker). Defaults are the `retrieval` config section's. `exclude`: chunk
+    ids never returned (evaluation's "gold removed" questions). `query_vector`: a unit query embedding, skipping
+    the encoder (dense mode then needs no query text). `reranker`: an object with `score(query, texts)`
+    (retriever.rerank), which re-scores the top `rerank_depth` fused hits; `score` is then its score.
     """
-    if not isinstance(query, str) or not query.strip():
+    text = query.strip() if isinstance(query, str) else ""
+    if not text and (query_vector is None or mode != "dense"):
         raise RagloraError("empty query: pass a question to search for")
     if k <= 0:
         raise RagloraError(f"k must be a positive number of results, got {k}")
@@ -264,41 +267,71 @@ def search(
         raise RagloraError(f"unknown retrieval mode {mode!r} (use one of: {', '.join(MODES)})")
     if candidates <= 0:
         raise RagloraError(f"candidates must be positive, got {candidates}")
-    if mode != "bm25" and index.embedder is None:
+    if rerank_depth <= 0:
+        raise RagloraError(f"rerank_depth must be positive, got {rerank_depth}")
+    if mode != "bm25" and query_vector is None and index.embedder is None:
         raise RagloraError(f"{mode} retrieval needs an embedder: load the index with one, or use mode 'bm25'")
-    n = len(index.chunks)
-    mask = filter_mask(index.chunks, filters)
-    if exclude:
-        excluded = set(exclude)
-        keep = np.array([c.chunk_id not in excluded for c in index.chunks], dtype=bool)
-        mask = keep if mask is None else mask & keep
-    if n == 0 or (mask is not None and not mask.any()):
+    if len(index) == 0:
         return []
-    depth = max(candidates, k)
+    depth = max(candidates, k, rerank_depth if reranker is not None else 0)
 
-    dense = bm25 = None
+    qvec = dense = keyword = None
     if mode != "bm25":
-        qvec = index.embedder.encode([query], batch_size=1)[0].astype(np.float32)
-        dense_rank = dense_ranking(index, qvec, depth, mask)
+        qvec = query_vector if query_vector is not None else index.embedder.encode([text], batch_size=1)[0]
+        qvec = np.asarray(qvec, dtype=np.float32).reshape(-1)
+        dense = index.dense_ranking(qvec, depth, filters=filters, exclude=exclude, nprobe=nprobe, ef_search=ef_search)
     if mode != "dense":
-        bm25 = bm25_scores(index.bm25, query, n, getattr(index, "language", DEFAULT_LANGUAGE))
-        bm25_rank = top_ids(bm25, depth, mask, positive_only=True)
+        keyword = index.keyword_ranking(text, depth, filters=filters, exclude=exclude)
 
     if mode == "dense":
-        dense = index.vectors @ qvec
-        fused = [(i, float(dense[i])) for i in dense_rank]
+        fused = dense
     elif mode == "bm25":
-        fused = [(i, float(bm25[i])) for i in bm25_rank]
+        fused = keyword
     else:
-        dense = index.vectors @ qvec
-        fused = reciprocal_rank_fusion([dense_rank, bm25_rank], [dense_weight, bm25_weight], k=rrf_k)
-    return [
+        rankings = [[key for key, _ in dense], [key for key, _ in keyword]]
+        fused = reciprocal_rank_fusion(rankings, [dense_weight, bm25_weight], k=rrf_k)
+    top = fused[: max(k, rerank_depth) if reranker is not None else k]
+    keys = [key for key, _ in top]
+    dense_of = _scores_of(keys, dense, lambda missing: index.dense_scores(qvec, missing))
+    keyword_of = _scores_of(keys, keyword, lambda missing: index.keyword_scores(text, missing))
+    hits = [
         Hit(
-            chunk=index.chunks[i],
-            score=score,
+            chunk=index.chunk(key),
+            score=float(score),
             rank=rank,
-            dense_score=None if dense is None else float(dense[i]),
-            bm25_score=None if bm25 is None else float(bm25[i]),
+            dense_score=None if dense_of is None else dense_of[key],
+            bm25_score=None if keyword_of is None else keyword_of[key],
         )
-        for rank, (i, score) in enumerate(fused[:k], start=1)
+        for rank, (key, score) in enumerate(top, start=1)
     ]
+    return rerank(hits, text, reranker, k) if reranker is not None else hits
+
+
+def _scores_of(keys: list, ranking: list[tuple] | None, fetch) -> dict | None:
+    """Each key's score in `ranking`, fetching the ones it does not hold (fused hits from the other retriever)."""
+    if ranking is None:
+        return None
+    known = {key: float(score) for key, score in ranking}
+    missing = [key for key in keys if key not in known]
+    if missing:
+        known.update(zip(missing, (float(s) for s in fetch(missing)), strict=True))
+    return known
+
+
+def rerank(hits: list[Hit], query: str, reranker, k: int) -> list[Hit]:
+    """Re-score hits with a cross-encoder on (query, chunk text), best first, cut to k; ties keep fused order."""
+    if not hits:
+        return hits
+    scores = np.asarray(reranker.score(query, [h.chunk.text for h in hits]), dtype=np.float64).reshape(-1)
+    if len(scores) != len(hits):
+        raise RagloraError(
+            f"reranker {getattr(reranker, 'name', reranker)!r} returned {len(scores)} scores for {len(hits)} passages"
+        )
+    order = np.argsort(-scores, kind="stable")[:k]
+    out = []
+    for rank, i in enumerate(order, start=1):
+        hit = hits[int(i)]
+        hit.rerank_score = hit.score = float(scores[i])
+        hit.rank = rank
+        out.append(hit)
+    return out
