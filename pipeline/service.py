@@ -193,10 +193,17 @@ def build_service(
         from retriever.index import load_index
 
         index = load_index(cfg.paths.index_dir, load_embedder(cfg.index.embedder))
+    reranker = None
+    if index is not None and cfg.retrieval.reranker:
+        from retriever.rerank import load_reranker
+
+        reranker = load_reranker(cfg.retrieval.reranker)  # once, at startup: a bad path fails here, not per request
     project = getattr(cfg, "project", None)
     versions = package_versions()
     versions["base_model"] = getattr(cfg.model, "base", None)
     versions["stages"] = models.stage_names
+    if reranker is not None:
+        versions["reranker"] = reranker.name
     if serve.generator == "openai":
         versions["generator"] = {
             "upstream": generator.url,
@@ -258,6 +265,7 @@ def build_service(
             gate=gate,
             judge=judge,
             judge_calibration=calibration,
+            reranker=reranker,
             citation_policy=serve.citations,
             max_unsupported_share=serve.max_unsupported_share,
         )

@@ -9,6 +9,7 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
+from retriever.rerank import load_reranker
 from retriever.search import DEFAULTS
 
 
@@ -26,6 +27,11 @@ class RagloraRetriever(BaseRetriever):
     dense_weight: float = DEFAULTS.dense_weight
     bm25_weight: float = DEFAULTS.bm25_weight
     candidates: int = DEFAULTS.candidates
+    nprobe: int | None = DEFAULTS.nprobe
+    ef_search: int | None = DEFAULTS.ef_search
+    # A reranker object (retriever.rerank) or a cross-encoder folder / cached HF id, loaded once by load_reranker.
+    reranker: Any = DEFAULTS.reranker
+    rerank_depth: int = DEFAULTS.rerank_depth
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[LCDocument]:
         hits = self.index.search(
@@ -37,6 +43,10 @@ class RagloraRetriever(BaseRetriever):
             dense_weight=self.dense_weight,
             bm25_weight=self.bm25_weight,
             candidates=self.candidates,
+            nprobe=self.nprobe,
+            ef_search=self.ef_search,
+            reranker=load_reranker(self.reranker) if isinstance(self.reranker, str) else self.reranker,
+            rerank_depth=self.rerank_depth,
         )
         docs = []
         for hit in hits:
@@ -50,6 +60,7 @@ class RagloraRetriever(BaseRetriever):
                 "rank": d["rank"],
                 "dense_score": d["dense_score"],
                 "bm25_score": d["bm25_score"],
+                "rerank_score": d.get("rerank_score"),
                 "start": d["start"],
                 "end": d["end"],
             }
