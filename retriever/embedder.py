@@ -23,7 +23,11 @@ _CACHE: dict[tuple[str, str], Embedder] = {}
 
 @runtime_checkable
 class Embedder(Protocol):
-    """What the index needs from an embedding model. `name` is recorded in the index manifest."""
+    """What the index needs from an embedding model. `name` is recorded in the index manifest.
+
+    A model that embeds questions differently from documents (e5's "query: " prefix) also has
+    `encode_queries(texts, *, batch_size, show_progress)`; `encode` is then its document side.
+    """
 
     name: str
     dimension: int
