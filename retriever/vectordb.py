@@ -522,7 +522,8 @@ class QdrantStore:
         """Best chunks by cosine, filtered inside Qdrant before its top-depth cut. `nprobe` is FAISS's: ignored."""
         from qdrant_client import models
 
-        params = models.SearchParams(hnsw_ef=ef_search) if ef_search else None
+        # HNSW's efSearch on a server; local mode searches exactly and warns about any search_params
+        params = models.SearchParams(hnsw_ef=ef_search) if ef_search and self.location.get("url") else None
         query_filter = self.query_filter(filters, exclude)
         return self._query(_unit(qvec).tolist(), DENSE, depth, query_filter, params)
 

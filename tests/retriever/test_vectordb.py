@@ -128,17 +128,15 @@ def test_a_chunk_that_moves_to_another_id_reuses_its_vector(kb, tmp_path, embedd
 def test_a_filter_applies_before_the_top_k_cut(kb, tmp_path, embedder):
     build(kb, tmp_path / "ix", embedder)
     s = store(tmp_path / "ix", embedder)
-    query = "roof tiles frost winter"
-    unfiltered = ids(s.search(query, k=3, mode="dense"))
-    assert not any(i.startswith("kitchen") for i in unfiltered)
+    query = "roof tiles roof tiles frost winter stone"  # the kitchen rows rank 6th or lower in every mode
     for mode in ("dense", "bm25", "hybrid"):
-        hits = s.search("roof tiles frost winter kitchen", k=3, mode=mode, filters={"category": "kitchen"})
+        assert not any(i.startswith("kitchen") for i in ids(s.search(query, k=3, mode=mode)))
+        hits = s.search(query, k=3, mode=mode, filters={"category": "kitchen"})
         assert hits and {h.chunk.metadata["category"] for h in hits} == {"kitchen"}
     hits = s.search(query, k=10, filters={"category": ["kitchen", "permits"], "kind": "faq"})
     assert {h.chunk.metadata["category"] for h in hits} == {"kitchen", "permits"} and len(hits) == 4
-    assert ids(s.search(query, k=5, filters={"section": 2})) == ["guides/energy.md#2"] or all(
-        h.chunk.metadata["section"] == 2 for h in s.search(query, k=5, filters={"section": 2})
-    )
+    hits = s.search(query, k=5, filters={"section": 2})  # an integer in the metadata, matched as the FAISS path does
+    assert [h.chunk.metadata["section"] for h in hits] == [2]
 
 
 def test_an_unknown_filter_field_names_the_known_ones(kb, tmp_path, embedder):
@@ -260,3 +258,20 @@ def test_real_minilm_top5_matches_faiss_flat_on_held_out_questions(tmp_path):
     qdrant, faiss = store(tmp_path / "qd", embedder), load_index(tmp_path / "fa", embedder)
     same = sum(ids(qdrant.search(q, k=5, mode="dense")) == ids(faiss.search(q, k=5, mode="dense")) for q in questions)
     assert same / len(questions) >= 0.95, f"{same}/{len(questions)} held-out questions agree"
+
+
+def test_the_cli_and_the_langchain_retriever_work_unchanged_on_qdrant(kb, tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    from retriever.index import load_index
+    from retriever.langchain import RagloraRetriever
+
+    monkeypatch.setattr("retriever.embedder.load_embedder", lambda name, device="cpu": FakeEmbedder())
+    out = tmp_path / "ix"
+    qdrant = ["--set", "index.backend=qdrant", "--set", "index.chunk_size=300", "--set", "index.chunk_overlap=30"]
+    assert main(["index", "--docs", str(kb), "--out", str(out), *qdrant]) == 0
+    assert "13 chunks (13 embedded" in capsys.readouterr().out
+    assert main(["search", "--index", str(out), "--k", "1", "--json", "mortar ridge tiles"]) == 0
+    assert "roofing-006" in capsys.readouterr().out
+    retriever = RagloraRetriever(index=load_index(out, FakeEmbedder()), k=2, mode="hybrid", ef_search=64, nprobe=8)
+    docs = retriever.invoke("mortar ridge tiles")
+    assert len(docs) == 2 and docs[0].metadata["chunk_id"] == "roofing-006"
