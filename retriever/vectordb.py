@@ -287,7 +287,9 @@ def build_collection(
         call(client.delete, name, points_selector=models.PointIdsList(points=gone[b : b + UPSERT_BATCH]), wait=True)
 
     manifest = _common_manifest(docs, chunks, embedder, settings, language)
-    stored = {"url": cfg.url} if cfg.url else {"path": STORAGE}
+    stored = (
+        {"url": cfg.url, "api_key_env": cfg.api_key_env, "timeout_s": cfg.timeout_s} if cfg.url else {"path": STORAGE}
+    )
     manifest.update(
         backend="qdrant",
         qdrant={**stored, "collection": name},
@@ -295,6 +297,19 @@ def build_collection(
     )
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return embedded, len(gone)
+
+
+def previous_questions(out_dir: str | Path, qdrant_cfg: QdrantConfig | None) -> dict[str, list[str]]:
+    """content_hash -> hypothetical questions already in the index's collection, so a rebuild reuses them."""
+    cfg = qdrant_cfg or QdrantConfig()
+    location = _location(Path(os.path.abspath(out_dir)), cfg)
+    if not location.get("url") and not (Path(location["path"]) / "meta.json").exists():
+        return {}
+    client, where = connect(location, cfg.collection), _where(location)
+    if not _call(where, client.collection_exists, cfg.collection):
+        return {}
+    points = _scroll(client, cfg.collection, where, with_payload=["content_hash", "questions"])
+    return {p.payload["content_hash"]: p.payload["questions"] for p in points if p.payload.get("questions")}
 
 
 def _digest(payload: dict) -> str:
@@ -327,7 +342,7 @@ def _existing_points(client, name: str, where: str, embedder: Embedder) -> dict[
     return {str(p.id): (p.payload.get("vector_key"), _digest(p.payload)) for p in _scroll(client, name, where)}
 
 
-def _scroll(client, name: str, where: str, **kwargs) -> Iterator:
+def _scroll(client, name: str, where: str, with_payload: bool | list[str] = True) -> Iterator:
     offset = None
     while True:
         points, offset = _call(
@@ -336,9 +351,8 @@ def _scroll(client, name: str, where: str, **kwargs) -> Iterator:
             name,
             limit=SCROLL_BATCH,
             offset=offset,
-            with_payload=True,
+            with_payload=with_payload,
             with_vectors=False,
-            **kwargs,
         )
         yield from points
         if offset is None:
@@ -406,8 +420,11 @@ def open_collection(path: str | Path, manifest: dict, embedder: Embedder | None)
             "rebuild the index or configure the embedder it was built with"
         )
     if stored.get("url"):
-        cfg = QdrantConfig()  # the key's variable and the timeout come from the defaults (never stored)
-        location = {"url": stored["url"], "api_key_env": cfg.api_key_env, "timeout_s": cfg.timeout_s}
+        try:
+            cfg = QdrantConfig(**{k: stored[k] for k in ("url", "api_key_env", "timeout_s") if k in stored})
+        except ValueError as exc:  # pydantic's ValidationError
+            raise RagloraError(f"corrupt index file {path / MANIFEST}: invalid 'qdrant' settings: {exc}") from None
+        location = _location(path, cfg)  # the key itself is read from the environment, never stored
     else:
         location = {"path": str(path / stored["path"])}
         if not (path / stored["path"] / "meta.json").exists():

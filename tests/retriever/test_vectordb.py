@@ -22,7 +22,7 @@ from retriever.chunking import chunk_documents
 from retriever.config import QdrantConfig
 from retriever.documents import load_documents
 from retriever.search import build_bm25, tokenize
-from retriever.vectordb import SPARSE, build_collection, open_collection, point_id
+from retriever.vectordb import SPARSE, build_collection, open_collection, point_id, previous_questions
 
 SETTINGS = {"chunk_size": 300, "chunk_overlap": 30, "faq_include_question": False}
 WORDS = ["roof", "tile", "gutter", "permit", "kitchen", "boiler", "window", "insulation", "drain", "paint"]
@@ -125,6 +125,18 @@ def test_a_chunk_that_moves_to_another_id_reuses_its_vector(kb, tmp_path, embedd
     assert ids(store(tmp_path / "ix", embedder).search(rows[0]["answer"], k=1)) == ["roofing-renamed"]
 
 
+def test_questions_are_embedded_with_the_text_and_kept_for_the_next_build(kb, tmp_path, embedder):
+    docs, _ = load_documents([kb])
+    chunks = chunk_documents(docs, chunk_size=300, chunk_overlap=30)
+    chunks[0].questions = ["Why does my ceiling drip after a frost?"]
+    build_collection(tmp_path / "ix", docs, chunks, embedder, None, settings=SETTINGS, language="en", warnings=[])
+    assert "Why does my ceiling drip after a frost?" in embedder.texts_encoded[0]
+    assert previous_questions(tmp_path / "ix", None) == {chunks[0].content_hash: chunks[0].questions}
+    assert previous_questions(tmp_path / "none", None) == {}
+    hit = store(tmp_path / "ix", embedder).search("ceiling drip", k=1, mode="bm25")[0]
+    assert hit.chunk.chunk_id == chunks[0].chunk_id and hit.chunk.questions == chunks[0].questions
+
+
 def test_a_filter_applies_before_the_top_k_cut(kb, tmp_path, embedder):
     build(kb, tmp_path / "ix", embedder)
     s = store(tmp_path / "ix", embedder)
@@ -201,6 +213,15 @@ def test_a_qdrant_url_that_is_down_is_one_clear_error(kb, tmp_path, embedder):
     manifest["qdrant"] = {"url": url, "collection": "raglora"}
     with pytest.raises(RagloraError, match=rf"^cannot reach Qdrant at {url}: "):
         open_collection(tmp_path / "local", manifest, embedder)
+
+
+def test_a_qdrant_server_that_does_not_answer_times_out_with_one_clear_error(kb, tmp_path, embedder):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(RagloraError, match=rf"^cannot reach Qdrant at {url}: timed out$"):
+            build(kb, tmp_path / "ix", embedder, QdrantConfig(url=url, timeout_s=0.5))
 
 
 def test_embedded_storage_in_use_by_another_process_is_a_clear_error(kb, tmp_path):
