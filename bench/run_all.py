@@ -67,6 +67,14 @@ def headlines(reports: dict) -> list[str]:
     ret = reports.get("retrieval", {}).get("results", {})
     if "build" in ret:
         out.append(f"Index build at {ret['build']['ours_fraction_of_ceiling']}x the raw encode ceiling (chunks/s)")
+    if "scale" in ret:
+        n = ret["realistic_vectors"]["vectors"]
+        measured = {key.split("/")[1]: row for key, row in ret["scale"].items() if "skipped" not in row}
+        rows = ", ".join(f"{kind} {row['recall@10']} @ {row['speedup_vs_exact']}x, {row['resident_gb_per_1m']} GB/1M"
+                         for kind, row in measured.items())  # fmt: skip
+        verdict = {True: "met", False: "NOT met", None: "not measured"}
+        goals = "; ".join(f"{g['goal']}: {verdict[g['met']]}" for g in ret["scale_goals"].values())
+        out.append(f"search() at {n:,} realistic vectors (recall@10 @ speed-up vs exact, memory): {rows}. {goals}")
     api = reports.get("api_load", {}).get("results")
     if api:
         out.append(f"Chat API, dynamic batching on vs off at the highest concurrency: {api['batching_speedup']}x req/s, "
