@@ -278,6 +278,7 @@ def test_real_minilm_top5_matches_faiss_flat_on_held_out_questions(tmp_path):
     build_index([repo / "data" / "kb"], tmp_path / "fa", embedder, **settings, index_type="flat", show_progress=False)
     qdrant, faiss = store(tmp_path / "qd", embedder), load_index(tmp_path / "fa", embedder)
     same = sum(ids(qdrant.search(q, k=5, mode="dense")) == ids(faiss.search(q, k=5, mode="dense")) for q in questions)
+    print(f"Qdrant vs FAISS flat, same top-5: {same}/{len(questions)} held-out questions")
     assert same / len(questions) >= 0.95, f"{same}/{len(questions)} held-out questions agree"
 
 
