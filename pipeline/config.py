@@ -296,6 +296,8 @@ def resolve_paths(cfg: Config, base: Path) -> Config:
         setattr(cfg.paths, name, _join(base, getattr(cfg.paths, name)))
     cfg.index.docs = [_join(base, d) for d in cfg.index.docs]
     cfg.index.embedder = _join(base, cfg.index.embedder, only_if_exists=True)
+    if cfg.retrieval.reranker:
+        cfg.retrieval.reranker = _join(base, cfg.retrieval.reranker, only_if_exists=True)
     cfg.model.base = _join(base, cfg.model.base, only_if_exists=True)
     cfg.model.system_prompt_file = _join(base, cfg.model.system_prompt_file)
     cfg.model.rag_system_prompt_file = _join(base, cfg.model.rag_system_prompt_file)

@@ -193,6 +193,9 @@ def build_service(
         from retriever.index import load_index
 
         index = load_index(cfg.paths.index_dir, load_embedder(cfg.index.embedder))
+        check = getattr(index, "check_search_settings", None)
+        if check is not None:  # an out-of-range nprobe fails at startup, not on every request
+            check(cfg.retrieval.nprobe, cfg.retrieval.ef_search)
     reranker = None
     if index is not None and cfg.retrieval.reranker:
         from retriever.rerank import load_reranker

@@ -287,10 +287,13 @@ class Index:
         bm25_weight: float = DEFAULTS.bm25_weight,
         candidates: int = DEFAULTS.candidates,
         exclude: Collection[str] = (),
-        **options,
+        nprobe: int | None = DEFAULTS.nprobe,
+        ef_search: int | None = DEFAULTS.ef_search,
+        query_vector: np.ndarray | None = None,
+        reranker=None,
+        rerank_depth: int = DEFAULTS.rerank_depth,
     ) -> list[Hit]:
-        """Top-k chunks for `query`; see retriever.search.search (options: nprobe, ef_search, query_vector,
-        reranker, rerank_depth)."""
+        """Top-k chunks for `query`; see retriever.search.search."""
         return run_search(
             self,
             query,
@@ -302,7 +305,11 @@ class Index:
             bm25_weight=bm25_weight,
             candidates=candidates,
             exclude=exclude,
-            **options,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            query_vector=query_vector,
+            reranker=reranker,
+            rerank_depth=rerank_depth,
         )
 
 

@@ -277,7 +277,10 @@ def search(
 
     qvec = dense = keyword = None
     if mode != "bm25":
-        qvec = query_vector if query_vector is not None else index.embedder.encode([text], batch_size=1)[0]
+        if query_vector is None:  # e5-style models embed queries and passages with different prefixes
+            encode = getattr(index.embedder, "encode_queries", index.embedder.encode)
+            query_vector = encode([text], batch_size=1)[0]
+        qvec = query_vector
         qvec = np.asarray(qvec, dtype=np.float32).reshape(-1)
         dense = index.dense_ranking(qvec, depth, filters=filters, exclude=exclude, nprobe=nprobe, ef_search=ef_search)
     if mode != "dense":
