@@ -60,7 +60,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     out = args.out or cfg.paths.index_dir
     if getattr(args, "verify", False):
         manifest = verify_index(out)
-        print(f"index {out}: {manifest['counts']['chunks']} chunks, every file matches its manifest checksum")
+        checked = (
+            "the Qdrant collection opens" if manifest.get("backend") == "qdrant" else "every file matches its checksum"
+        )
+        print(f"index {out}: {manifest['counts']['chunks']} chunks, {checked}")
         return 0
     missing = [d for d in docs if not Path(d).exists()]
     if missing:  # before loading the embedder, so a typo fails in milliseconds

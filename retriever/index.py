@@ -378,7 +378,7 @@ def build_index(
             from retriever import vectordb
 
             if add_questions is not None:
-                add_questions(chunks, {})  # the Qdrant store reuses vectors by vector_key itself
+                add_questions(chunks, vectordb.previous_questions(out_dir, qdrant))
             embedded, removed = vectordb.build_collection(
                 out_dir,
                 docs,
