@@ -44,6 +44,7 @@ WINNER_SETS = ("faq", "customer")  # what the winner is chosen on (validation sp
 CUSTOMER_FILE = "data/eval/customer_questions.jsonl"
 FOLLOWUPS_FILE = "data/eval/followups.jsonl"
 QUESTIONS_CACHE = "retrieval_quality_questions.json"
+CACHE_EVERY = 64  # chunks per generation call between cache saves
 
 
 @dataclasses.dataclass
@@ -136,9 +137,12 @@ def cached_questions(add, path: Path, key: dict):
     stored: dict[str, list[str]] = data.get("questions", {}) if data.get("key") == key else {}
 
     def fill(chunks, previous):
-        add(chunks, {**stored, **previous})
-        stored.update({c.content_hash: c.questions for c in chunks})
-        atomic_write_text(path, json.dumps({"key": key, "questions": stored}, ensure_ascii=False, indent=1) + "\n")
+        for start in range(0, len(chunks), CACHE_EVERY):  # saved as it goes: a stopped run loses one part at most
+            part = chunks[start : start + CACHE_EVERY]
+            add(part, {**stored, **previous})
+            stored.update({c.content_hash: c.questions for c in part})
+            text = json.dumps({"key": key, "questions": stored}, ensure_ascii=False, indent=1) + "\n"
+            atomic_write_text(path, text)
 
     return fill
 
@@ -259,7 +263,11 @@ def markdown(report: dict) -> str:
 def _base_model_writer(cfg, per_chunk: int, stack: contextlib.ExitStack):
     """A generator factory over the project's base model and serving Generator (loaded on first use)."""
 
+    writer = []  # loaded once, on the first call
+
     def factory():
+        if writer:
+            return writer[0]
         from finetune.model import load_base
         from finetune.prompt import chat_ids
         from pipeline.generate import Generator, SamplingParams
@@ -272,7 +280,8 @@ def _base_model_writer(cfg, per_chunk: int, stack: contextlib.ExitStack):
         stack.callback(gen.close)
         # One short question per line: ~25 tokens each. Lines may repeat words, so no n-gram ban.
         params = SamplingParams(max_new_tokens=25 * per_chunk, no_repeat_ngram_size=0)
-        return generator_writer(gen, partial(chat_ids, tok, add_generation_prompt=True), params)
+        writer.append(generator_writer(gen, partial(chat_ids, tok, add_generation_prompt=True), params))
+        return writer[0]
 
     return factory
 

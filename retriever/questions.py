@@ -31,13 +31,20 @@ MIN_QUESTION_CHARS = 8
 Writer = Callable[[list[list[dict]]], list[str]]
 AddQuestions = Callable[[list[Chunk], dict[str, list[str]]], None]
 
-# The one prompt of "generate". Plain instructions: a small instruct model follows "one per line" best when
-# nothing else is asked of it.
+# The one prompt of "generate": instructions plus one worked example. Without the example a small instruct model
+# (SmolLM2-135M) mostly restates the text or asks about "the project"; the example shows the shape wanted.
 SYSTEM_PROMPT = "You write the questions customers send to a company's support team."
 USER_PROMPT = (
     "Write {n} short, different questions that a customer might ask and that the text below answers. "
     "Write them the way a customer would, in the language of the text. One question per line, nothing else.\n\n"
     "Text:\n{text}"
+)
+EXAMPLE_TEXT = (
+    "The boiler should be serviced once a year by a certified technician. A service costs about 1,500 SEK and "
+    "takes two hours."
+)
+EXAMPLE_QUESTIONS = (
+    "How often does my boiler need a service?\nWho is allowed to service a boiler?\nWhat does a boiler service cost?"
 )
 
 _QUESTION_MARKS = "?？؟"  # Latin, full-width (CJK) and Arabic question marks
@@ -101,16 +108,21 @@ def heading_questions(chunk: Chunk, limit: int) -> list[str]:
 
 def question_prompt(chunk: Chunk, n: int) -> list[dict]:
     """The chat prompt that asks for `n` questions about one chunk (its text only, never its metadata)."""
+    example = "\n".join(EXAMPLE_QUESTIONS.splitlines()[:n] or EXAMPLE_QUESTIONS.splitlines())
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": USER_PROMPT.format(n=min(n, 3), text=EXAMPLE_TEXT)},
+        {"role": "assistant", "content": example},
         {"role": "user", "content": USER_PROMPT.format(n=n, text=chunk.text.strip())},
     ]
 
 
 def parse_questions(completion: str, limit: int, chunk: Chunk | None = None) -> list[str]:
-    """One question per line of a completion; numbering stripped, empty/duplicate/overlong lines dropped."""
+    """One question per line of a completion; numbering stripped, lines that are not questions (a small model
+    restates the text) and empty/duplicate/overlong ones dropped."""
     exclude = _own_question(chunk) if chunk is not None else []
-    return keep_questions((completion or "").splitlines(), limit, exclude=exclude)
+    lines = [line for line in (completion or "").splitlines() if _clean(line).endswith(tuple(_QUESTION_MARKS))]
+    return keep_questions(lines, limit, exclude=exclude)
 
 
 def generator_writer(generator, encode: Callable[[list[dict]], list[int]], params=None) -> Writer:

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from fake_embedder import FakeEmbedder
 
-from bench.retrieval_quality import QuestionSet, choose_winner, hand_sets, markdown, run, score_index
+from bench.retrieval_quality import QuestionSet, cached_questions, choose_winner, hand_sets, markdown, run, score_index
 from raglora.errors import RagloraError
 
 FAQ = [
@@ -163,3 +163,32 @@ def test_shipped_hand_written_sets_name_held_out_rows_of_the_knowledge_base():
         assert set(r["gold_ids"]) <= faq
         assert held_out.get(r["gold_ids"][0]) == r["split"]
     assert all(len(r["history"]) == 2 for r in followups)
+
+
+def test_generated_questions_are_cached_and_reused_by_the_next_run(tmp_path):
+    from retriever.chunking import Chunk, sha256
+    from retriever.questions import add_questions_fn
+
+    def chunks():
+        return [Chunk(f"c{i}", f"text {i}", "s", "t", 0, 6, sha256(f"text {i}"), "d", {}) for i in range(3)]
+
+    written = []
+
+    def factory():
+        def write(prompts):
+            written.extend(prompts)
+            return ["What is it?"] * len(prompts)
+
+        return write
+
+    cache = tmp_path / "q.json"
+    key = {"model": "m", "per_chunk": 2}
+    first = chunks()
+    cached_questions(add_questions_fn("generate", 2, generator_factory=factory), cache, key)(first, {})
+    assert len(written) == 3 and all(c.questions == ["What is it?"] for c in first)
+    again = chunks()
+    cached_questions(add_questions_fn("generate", 2, generator_factory=factory), cache, key)(again, {})
+    assert len(written) == 3 and all(c.questions == ["What is it?"] for c in again)  # nothing generated again
+    other_model = chunks()
+    cached_questions(add_questions_fn("generate", 2, generator_factory=factory), cache, {"model": "n"})(other_model, {})
+    assert len(written) == 6  # another model or prompt: the cache does not apply

@@ -73,8 +73,11 @@ def test_headings_never_use_the_faq_rows_own_question():
     assert heading_questions(answers_only, 3) == []
 
 
-def test_parse_questions_strips_numbering_and_drops_empty_duplicate_and_overlong_lines():
-    completion = "1. How long does it take?\n\n2) how long does it take\n- What does it cost?\n" + "x" * 300 + "?\n"
+def test_parse_questions_strips_numbering_and_drops_empty_duplicate_overlong_and_non_question_lines():
+    completion = (
+        "1. How long does it take?\n\n2) how long does it take?\n- What does it cost?\n"
+        "A kitchen takes 2-3 months.\n" + "x" * 300 + "?\n"
+    )
     assert parse_questions(completion, 3) == ["How long does it take?", "What does it cost?"]
     assert parse_questions("", 3) == []
     assert parse_questions("   \n\n", 3) == []
@@ -151,4 +154,4 @@ def test_generate_with_the_tiny_model_through_the_serving_generator():
         gen.close()
     for c in chunks:  # random weights: whatever came out, it obeys the limits
         assert len(c.questions) <= 2 and all(len(q) <= 200 for q in c.questions)
-    assert question_prompt(chunks[0], 2)[1]["content"].endswith("Kitchens take 2-3 months.")
+    assert question_prompt(chunks[0], 2)[-1]["content"].endswith("Kitchens take 2-3 months.")
