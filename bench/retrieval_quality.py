@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from raglora.files import atomic_write_text
 from retriever.evaluate import retrieval_metrics
 from retriever.gold import GoldFinder
 from retriever.index import build_index, load_index
-from retriever.questions import USER_PROMPT, add_questions_fn
+from retriever.questions import add_questions_fn
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
 KS = (1, 5, 10)
@@ -177,7 +176,7 @@ def run(
             for dq in doc_questions:
                 add = add_questions_fn(dq, per_chunk, generator_factory=generator_factory)
                 if dq == "generate" and questions_cache is not None:
-                    add = cached_questions(add, questions_cache, cache_key or {})
+                    add = cached_questions(add, questions_cache, {**(cache_key or {}), **add.settings})
                 out = Path(tmp) / f"{len(results)}"
                 log(f"index: {emb_name}, doc_questions {dq}")
                 build(out, embedder, **({"add_questions": add} if add is not None else {}))
@@ -323,7 +322,6 @@ def main() -> int:
         }
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        prompt_id = hashlib.sha256(USER_PROMPT.encode()).hexdigest()[:12]
         with contextlib.ExitStack() as stack:
             report = run(
                 list(ic.docs),
@@ -338,7 +336,7 @@ def main() -> int:
                 search_kw=search_kw,
                 generator_factory=_base_model_writer(cfg, per_chunk, stack),
                 questions_cache=out_dir / QUESTIONS_CACHE,
-                cache_key={"model": cfg.model.base, "per_chunk": per_chunk, "prompt": prompt_id},
+                cache_key={"model": cfg.model.base},
             )
     except RagloraError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -13,9 +13,11 @@ Two sources:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from raglora.errors import RagloraError
 from retriever.chunking import Chunk
@@ -171,9 +173,8 @@ def add_questions_fn(
     if mode == "off":
         return None
     if mode == "headings":
-        return lambda chunks, previous: _fill(
-            chunks, previous, lambda todo: [heading_questions(c, per_chunk) for c in todo]
-        )
+        fill = partial(_fill, make=lambda todo: [heading_questions(c, per_chunk) for c in todo])
+        return _with_settings(fill, mode, per_chunk)
     if generator_factory is None:
         raise RagloraError("doc_questions: generate needs the project's generator (model.base), none was given")
 
@@ -184,4 +185,14 @@ def add_questions_fn(
             raise RagloraError(f"doc_questions: the generator returned {len(texts)} texts for {len(todo)} prompts")
         return [parse_questions(t, per_chunk, c) for t, c in zip(texts, todo, strict=True)]
 
-    return lambda chunks, previous: _fill(chunks, previous, generate)
+    return _with_settings(partial(_fill, make=generate), mode, per_chunk)
+
+
+def _with_settings(fill, mode: str, per_chunk: int) -> AddQuestions:
+    """Tag the callable with what its questions depend on (`.settings`): questions of an index built with other
+    settings must not be passed back as `previous`. Record them in the manifest and compare."""
+    fill.settings = {"doc_questions": mode, "per_chunk": per_chunk}
+    if mode == "generate":
+        prompt = "\x00".join([SYSTEM_PROMPT, USER_PROMPT, EXAMPLE_TEXT, EXAMPLE_QUESTIONS])
+        fill.settings["prompt"] = hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:12]
+    return fill

@@ -155,3 +155,9 @@ def test_generate_with_the_tiny_model_through_the_serving_generator():
     for c in chunks:  # random weights: whatever came out, it obeys the limits
         assert len(c.questions) <= 2 and all(len(q) <= 200 for q in c.questions)
     assert question_prompt(chunks[0], 2)[-1]["content"].endswith("Kitchens take 2-3 months.")
+
+
+def test_the_callable_names_the_settings_its_questions_depend_on():
+    assert add_questions_fn("headings", 2).settings == {"doc_questions": "headings", "per_chunk": 2}
+    generate = add_questions_fn("generate", 3, generator_factory=FakeWriter).settings
+    assert generate["doc_questions"] == "generate" and generate["per_chunk"] == 3 and len(generate["prompt"]) == 12
