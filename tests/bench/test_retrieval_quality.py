@@ -192,3 +192,31 @@ def test_generated_questions_are_cached_and_reused_by_the_next_run(tmp_path):
     other_model = chunks()
     cached_questions(add_questions_fn("generate", 2, generator_factory=factory), cache, {"model": "n"})(other_model, {})
     assert len(written) == 6  # another model or prompt: the cache does not apply
+
+
+def test_a_reranker_adds_its_own_rows_and_changes_the_order(tmp_path):
+    import numpy as np
+
+    class LongestFirst:
+        name = "longest"
+
+        def score(self, query, texts):
+            return np.array([len(t) for t in texts], dtype=np.float32)
+
+    kb = tmp_path / "faq.jsonl"
+    kb.write_text("".join(json.dumps({"id": i, "question": q, "answer": a}) + "\n" for i, q, a in FAQ))
+    rows = [{"question": "heat pump service every second year", "gold_ids": ["heat-001"]}]
+    report = run(
+        [kb],
+        {"fake": FakeEmbedder()},
+        [QuestionSet("customer", "validation", rows)],
+        chunk_size=500,
+        chunk_overlap=0,
+        rerankers={"none": None, "longest": LongestFirst()},
+        reference=False,
+        log=lambda _: None,
+    )
+    dense = {r["reranker"]: r for r in report["results"] if r["mode"] == "dense"}
+    assert set(dense) == {"none", "longest"}
+    assert dense["none"]["hit@1"] == 1.0
+    assert dense["longest"]["hit@1"] == 0.0  # the longest answer (the ROT row) is put first
