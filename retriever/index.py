@@ -405,56 +405,29 @@ def build_index(
                 show_progress=show_progress,
                 warnings=warnings,
             )
-            return BuildReport(
-                n_documents=len(docs),
-                n_chunks=len(chunks),
-                embedded=embedded,
-                reused=len(chunks) - embedded,
-                removed=removed,
+        else:
+            layout = choose_layout(len(chunks), embedder.dimension, index_type, ivf_nlist, pq_m)  # refuse before work
+            warnings.extend(layout.warnings)
+            embedded, removed = _build_faiss(
+                out_dir,
+                docs,
+                chunks,
+                embedder,
+                layout,
+                settings=settings,
+                index_settings={
+                    "index_type_requested": index_type,
+                    "ivf_nlist": ivf_nlist,
+                    "pq_m": pq_m,
+                    "hnsw_m": hnsw_m,
+                },
+                language=language,
                 warnings=warnings,
-                seconds=time.perf_counter() - started,
-                index_type="qdrant",
+                verify=recovered,
+                add_questions=add_questions,
+                batch_size=batch_size,
+                show_progress=show_progress,
             )
-        layout = choose_layout(len(chunks), embedder.dimension, index_type, ivf_nlist, pq_m)  # refuse before work
-        warnings.extend(layout.warnings)
-        old = _compatible_index(out_dir, embedder, settings, warnings, verify=recovered)
-        if add_questions is not None:
-            earlier = {} if old is None else {c.content_hash: c.questions for c in old.chunks if c.questions}
-            add_questions(chunks, earlier)
-        previous = {} if old is None else {c.vector_key: i for i, c in enumerate(old.chunks)}
-
-        # Embed each distinct new text once; everything already in the previous index is reused.
-        to_embed = list(dict.fromkeys(c.vector_key for c in chunks if c.vector_key not in previous))
-        texts = {c.vector_key: c.index_text for c in chunks}
-        fresh: dict[str, np.ndarray] = {}
-        if to_embed:
-            encoded = embedder.encode([texts[h] for h in to_embed], batch_size=batch_size, show_progress=show_progress)
-            encoded = np.asarray(encoded, dtype=np.float32)
-            if encoded.shape != (len(to_embed), embedder.dimension):
-                raise RagloraError(
-                    f"embedder {embedder.name!r} returned shape {encoded.shape}, "
-                    f"expected ({len(to_embed)}, {embedder.dimension})"
-                )
-            fresh = dict(zip(to_embed, normalise(encoded), strict=True))
-        dim = embedder.dimension
-        vectors = np.empty((len(chunks), dim), dtype=np.float32)
-        for i, c in enumerate(chunks):
-            vectors[i] = fresh[c.vector_key] if c.vector_key in fresh else old.vectors[previous[c.vector_key]]
-        used = {c.vector_key for c in chunks}
-        removed = sum(1 for h in previous if h not in used)
-        embedded = sum(1 for c in chunks if c.vector_key not in previous)
-
-        same_index = {"index_type_requested": index_type, "ivf_nlist": ivf_nlist, "pq_m": pq_m, "hnsw_m": hnsw_m}
-        same_language = old is not None and normalise_language(old.manifest.get("language")) == language
-        unchanged = (
-            same_language
-            and all(old.manifest.get(key) == value for key, value in same_index.items())
-            and [c.to_dict() for c in old.chunks] == [c.to_dict() for c in chunks]
-        )
-        if not unchanged:  # an unchanged corpus leaves the folder untouched (stable manifest digest)
-            _write_index(out_dir, index_manifest(docs, chunks, embedder.name, dim, settings, language), chunks,
-                         vectors, layout, requested=index_type, ivf_nlist=ivf_nlist, pq_m=pq_m, hnsw_m=hnsw_m)  # fmt: skip
-
     return BuildReport(
         n_documents=len(docs),
         n_chunks=len(chunks),
@@ -463,8 +436,65 @@ def build_index(
         removed=removed,
         warnings=warnings,
         seconds=time.perf_counter() - started,
-        index_type=layout.index_type,
+        index_type="qdrant" if backend == "qdrant" else layout.index_type,
     )
+
+
+def _build_faiss(
+    out_dir: Path,
+    docs,
+    chunks: list[Chunk],
+    embedder: Embedder,
+    layout: Layout,
+    *,
+    settings: dict,
+    index_settings: dict,
+    language: str,
+    warnings: list[str],
+    verify: bool,
+    add_questions,
+    batch_size: int,
+    show_progress: bool,
+) -> tuple[int, int]:
+    """The FAISS half of build_index: reuse vectors, embed the rest, write atomically. Returns (embedded, removed)."""
+    old = _compatible_index(out_dir, embedder, settings, warnings, verify=verify)
+    if add_questions is not None:
+        earlier = {} if old is None else {c.content_hash: c.questions for c in old.chunks if c.questions}
+        add_questions(chunks, earlier)
+    previous = {} if old is None else {c.vector_key: i for i, c in enumerate(old.chunks)}
+
+    # Embed each distinct new text once; everything already in the previous index is reused.
+    to_embed = list(dict.fromkeys(c.vector_key for c in chunks if c.vector_key not in previous))
+    texts = {c.vector_key: c.index_text for c in chunks}
+    fresh: dict[str, np.ndarray] = {}
+    if to_embed:
+        encoded = embedder.encode([texts[h] for h in to_embed], batch_size=batch_size, show_progress=show_progress)
+        encoded = np.asarray(encoded, dtype=np.float32)
+        if encoded.shape != (len(to_embed), embedder.dimension):
+            raise RagloraError(
+                f"embedder {embedder.name!r} returned shape {encoded.shape}, "
+                f"expected ({len(to_embed)}, {embedder.dimension})"
+            )
+        fresh = dict(zip(to_embed, normalise(encoded), strict=True))
+    dim = embedder.dimension
+    vectors = np.empty((len(chunks), dim), dtype=np.float32)
+    for i, c in enumerate(chunks):
+        vectors[i] = fresh[c.vector_key] if c.vector_key in fresh else old.vectors[previous[c.vector_key]]
+    used = {c.vector_key for c in chunks}
+    removed = sum(1 for h in previous if h not in used)
+    embedded = sum(1 for c in chunks if c.vector_key not in previous)
+
+    same_language = old is not None and normalise_language(old.manifest.get("language")) == language
+    unchanged = (
+        same_language
+        and all(old.manifest.get(key) == value for key, value in index_settings.items())
+        and [c.to_dict() for c in old.chunks] == [c.to_dict() for c in chunks]
+    )
+    if not unchanged:  # an unchanged corpus leaves the folder untouched (stable manifest digest)
+        manifest = index_manifest(docs, chunks, embedder.name, dim, settings, language)
+        _write_index(out_dir, manifest, chunks, vectors, layout, **index_settings)
+
+    return embedded, removed
 
 
 def build_from_vectors(
@@ -492,8 +522,8 @@ def build_from_vectors(
     with _build_lock(out_dir):
         _recover(out_dir)
         _check_replaceable(out_dir)
-        _write_index(out_dir, manifest, chunks, vectors, layout, requested=index_type, ivf_nlist=ivf_nlist,
-                     pq_m=pq_m, hnsw_m=hnsw_m)  # fmt: skip
+        _write_index(out_dir, manifest, chunks, vectors, layout, index_type_requested=index_type,
+                     ivf_nlist=ivf_nlist, pq_m=pq_m, hnsw_m=hnsw_m)  # fmt: skip
     return BuildReport(
         n_documents=0,
         n_chunks=len(chunks),
@@ -506,13 +536,13 @@ def build_from_vectors(
     )
 
 
-def _write_index(out_dir, manifest, chunks, vectors, layout, *, requested, ivf_nlist, pq_m, hnsw_m) -> None:
+def _write_index(out_dir, manifest, chunks, vectors, layout, *, index_type_requested, ivf_nlist, pq_m, hnsw_m) -> None:
     faiss_index = make_faiss_index(vectors, layout, hnsw_m=hnsw_m)
     manifest = {
         **manifest,
         "backend": "faiss",
         "index_type": layout.index_type,
-        "index_type_requested": requested,
+        "index_type_requested": index_type_requested,
         "ivf_nlist": ivf_nlist,
         "pq_m": pq_m,
         "hnsw_m": hnsw_m,

@@ -412,13 +412,7 @@ def open_collection(path: str | Path, manifest: dict, embedder: Embedder | None)
     name = stored.get("collection")
     if not isinstance(name, str) or not (stored.get("url") or stored.get("path")):
         raise RagloraError(f"corrupt index file {path / MANIFEST}: missing or invalid field 'qdrant'")
-    emb = manifest["embedder"]
-    if embedder is not None and (emb["name"] != embedder.name or emb["dimension"] != embedder.dimension):
-        raise RagloraError(
-            f"index {path} was built with embedder {emb['name']!r} (dimension {emb['dimension']}) "
-            f"but the loaded embedder is {embedder.name!r} (dimension {embedder.dimension}): "
-            "rebuild the index or configure the embedder it was built with"
-        )
+    emb = manifest["embedder"]  # load_index has checked it against `embedder`
     if stored.get("url"):
         try:
             cfg = QdrantConfig(**{k: stored[k] for k in ("url", "api_key_env", "timeout_s") if k in stored})

@@ -21,6 +21,7 @@ from raglora.errors import RagloraError
 from retriever.chunking import chunk_documents
 from retriever.config import QdrantConfig
 from retriever.documents import load_documents
+from retriever.index import load_index
 from retriever.search import build_bm25, tokenize
 from retriever.vectordb import SPARSE, build_collection, open_collection, point_id, previous_questions
 
@@ -193,7 +194,7 @@ def test_another_embedder_is_refused_and_the_old_collection_still_answers(kb, tm
     assert (tmp_path / "ix" / "manifest.json").read_bytes() == manifest
     assert ids(store(tmp_path / "ix", embedder).search("mortar ridge", k=1)) == ["roofing-006"]
     with pytest.raises(RagloraError, match="built with embedder 'fake-embedder'"):
-        store(tmp_path / "ix", FakeEmbedder(dimension=32, name="other"))
+        load_index(tmp_path / "ix", FakeEmbedder(dimension=32, name="other"))
 
 
 def _unused_port() -> int:
