@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
+from pipeline.doc_questions import base_model_writer
 from raglora.errors import RagloraError
 from raglora.files import atomic_write_text
 from retriever.evaluate import retrieval_metrics
@@ -259,32 +260,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _base_model_writer(cfg, per_chunk: int, stack: contextlib.ExitStack):
-    """A generator factory over the project's base model and serving Generator (loaded on first use)."""
-
-    writer = []  # loaded once, on the first call
-
-    def factory():
-        if writer:
-            return writer[0]
-        from finetune.model import load_base
-        from finetune.prompt import chat_ids
-        from pipeline.generate import Generator, SamplingParams
-        from pipeline.stage_models import StageModels
-        from retriever.questions import generator_writer
-
-        mc = cfg.model
-        model, tok = load_base(mc.base, cache_dir=cfg.paths.base_cache_dir, device=mc.device, dtype=mc.dtype)
-        gen = Generator(StageModels(model, tok), max_batch_size=cfg.eval.batch_size, batch_wait_ms=50)
-        stack.callback(gen.close)
-        # One short question per line: ~25 tokens each. Lines may repeat words, so no n-gram ban.
-        params = SamplingParams(max_new_tokens=25 * per_chunk, no_repeat_ngram_size=0)
-        writer.append(generator_writer(gen, partial(chat_ids, tok, add_generation_prompt=True), params))
-        return writer[0]
-
-    return factory
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -334,7 +309,7 @@ def main() -> int:
                 language=ic.language,
                 rerankers=rerankers,
                 search_kw=search_kw,
-                generator_factory=_base_model_writer(cfg, per_chunk, stack),
+                generator_factory=base_model_writer(cfg, per_chunk, stack),
                 questions_cache=out_dir / QUESTIONS_CACHE,
                 cache_key={"model": cfg.model.base},
             )

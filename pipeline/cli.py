@@ -7,6 +7,7 @@ imported inside the commands so `--help` stays instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -51,6 +52,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from pipeline.doc_questions import add_questions_for
     from retriever.embedder import load_embedder
     from retriever.index import build_index, verify_index
 
@@ -69,22 +71,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     if missing:  # before loading the embedder, so a typo fails in milliseconds
         raise RagloraError(f"documents not found: {', '.join(missing)}")
     embedder = load_embedder(ic.embedder)
-    report = build_index(
-        docs,
-        out,
-        embedder,
-        chunk_size=ic.chunk_size,
-        chunk_overlap=ic.chunk_overlap,
-        faq_include_question=ic.faq_include_question,
-        index_type=ic.index_type,
-        batch_size=ic.batch_size,
-        language=ic.language,
-        ivf_nlist=ic.ivf_nlist,
-        pq_m=ic.pq_m,
-        hnsw_m=ic.hnsw_m,
-        backend=ic.backend,
-        qdrant=ic.qdrant,
-    )
+    with contextlib.ExitStack() as stack:  # a question-writing model, if any, is closed when the build ends
+        report = build_index(
+            docs,
+            out,
+            embedder,
+            chunk_size=ic.chunk_size,
+            chunk_overlap=ic.chunk_overlap,
+            faq_include_question=ic.faq_include_question,
+            index_type=ic.index_type,
+            batch_size=ic.batch_size,
+            language=ic.language,
+            ivf_nlist=ic.ivf_nlist,
+            pq_m=ic.pq_m,
+            hnsw_m=ic.hnsw_m,
+            backend=ic.backend,
+            qdrant=ic.qdrant,
+            add_questions=add_questions_for(cfg, stack),
+        )
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(

@@ -458,9 +458,10 @@ def _build_faiss(
 ) -> tuple[int, int]:
     """The FAISS half of build_index: reuse vectors, embed the rest, write atomically. Returns (embedded, removed)."""
     old = _compatible_index(out_dir, embedder, settings, warnings, verify=verify)
-    if add_questions is not None:
-        earlier = {} if old is None else {c.content_hash: c.questions for c in old.chunks if c.questions}
-        add_questions(chunks, earlier)
+    wanted = getattr(add_questions, "settings", None)
+    if add_questions is not None:  # questions written another way (mode, count, prompt, model) are not reused
+        same = old is not None and old.manifest.get("doc_questions") == wanted
+        add_questions(chunks, {c.content_hash: c.questions for c in old.chunks} if same else {})
     previous = {} if old is None else {c.vector_key: i for i, c in enumerate(old.chunks)}
 
     # Embed each distinct new text once; everything already in the previous index is reused.
@@ -488,10 +489,11 @@ def _build_faiss(
     unchanged = (
         same_language
         and all(old.manifest.get(key) == value for key, value in index_settings.items())
+        and old.manifest.get("doc_questions") == wanted
         and [c.to_dict() for c in old.chunks] == [c.to_dict() for c in chunks]
     )
     if not unchanged:  # an unchanged corpus leaves the folder untouched (stable manifest digest)
-        manifest = index_manifest(docs, chunks, embedder.name, dim, settings, language)
+        manifest = {**index_manifest(docs, chunks, embedder.name, dim, settings, language), "doc_questions": wanted}
         _write_index(out_dir, manifest, chunks, vectors, layout, **index_settings)
 
     return embedded, removed

@@ -161,3 +161,32 @@ def test_the_callable_names_the_settings_its_questions_depend_on():
     assert add_questions_fn("headings", 2).settings == {"doc_questions": "headings", "per_chunk": 2}
     generate = add_questions_fn("generate", 3, generator_factory=FakeWriter).settings
     assert generate["doc_questions"] == "generate" and generate["per_chunk"] == 3 and len(generate["prompt"]) == 12
+
+
+def test_an_index_rebuild_reuses_questions_only_when_written_the_same_way(tmp_path):
+    from fake_embedder import FakeEmbedder
+
+    from retriever.index import build_index, load_index
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "help.md").write_text("# Passwords\n\nClick reset on the login page.\n", encoding="utf-8")
+    seen = []
+
+    def add(chunks, previous):
+        seen.append(dict(previous))
+        for c in chunks:
+            c.questions = previous.get(c.content_hash) or ["How do I get back into my account?"]
+
+    def build(settings):
+        add.settings = settings
+        build_index([tmp_path / "docs"], tmp_path / "ix", FakeEmbedder(), chunk_size=300, chunk_overlap=0,
+                    show_progress=False, add_questions=add)  # fmt: skip
+
+    build({"doc_questions": "generate", "per_chunk": 1})
+    index = load_index(tmp_path / "ix")
+    assert index.chunks[0].questions == ["How do I get back into my account?"]
+    assert index.manifest["doc_questions"] == {"doc_questions": "generate", "per_chunk": 1}
+    build({"doc_questions": "generate", "per_chunk": 1})
+    assert list(seen[1].values()) == [["How do I get back into my account?"]]
+    build({"doc_questions": "generate", "per_chunk": 2})
+    assert seen[2] == {}
