@@ -6,7 +6,7 @@ from retriever.config import IndexConfig, RetrievalConfig
 
 def test_defaults_match_the_documented_contract():
     ic, rc = IndexConfig(), RetrievalConfig()
-    assert ic.docs == ["data/kb"] and ic.embedder == "packaged:all-MiniLM-L6-v2"
+    assert ic.docs == ["data/kb"] and ic.embedder == "packaged:all-mpnet-base-v2"
     assert (ic.chunk_size, ic.chunk_overlap, ic.faq_include_question, ic.index_type) == (800, 100, False, "auto")
     assert (rc.k, rc.mode, rc.rrf_k, rc.candidates) == (3, "dense", 60, 50)
 
