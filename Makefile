@@ -114,5 +114,8 @@ bench-api: setup
 bench-e2e: setup
 	$(PY) -m bench.run_all --only end_to_end $(BENCH_ARGS)
 
+# Held-out FAQ, customer-style and follow-up questions against an answers-only index, per embedder, search mode
+# and doc_questions (add `QUALITY_ARGS="--doc-questions off,headings,generate"`: ~10 min of question writing on CPU).
+QUALITY_ARGS ?= --embedders packaged:all-MiniLM-L6-v2,packaged:all-mpnet-base-v2
 retrieval-quality: setup
-	$(PY) bench/retrieval_quality.py --config $(CONFIG)
+	$(PY) bench/retrieval_quality.py --config $(CONFIG) $(QUALITY_ARGS)

@@ -69,6 +69,8 @@ PQ_CENTROIDS = 256
 #: a filter allowing at most this many chunks is answered exactly over their vectors, not through the ANN index
 #: (IVF visits only `nprobe` lists, which can hold fewer than k allowed chunks).
 EXACT_FILTERED_MAX = 20_000
+#: IVF-PQ proposes this many times the candidates for exact re-ranking (faiss IndexRefine's k_factor)
+PQ_REFINE = 8
 #: candidate rows up to this many are read with pread, more through the memory map (see Index.rows)
 PREAD_ROWS_MAX = 4096
 
@@ -257,7 +259,9 @@ class Index:
             self.check_search_settings(nprobe, ef_search)
             return self._exact(qvec, allowed, depth)
         params, _selector = self._search_params(nprobe, ef_search, allowed)
-        want = min(depth, len(self) if allowed is None else len(allowed))
+        # PQ codes rank only roughly: take PQ_REFINE times the candidates and let the stored rows re-rank them.
+        refine = PQ_REFINE if self.index_type == "ivfpq" else 1
+        want = min(depth * refine, len(self) if allowed is None else len(allowed))
         _, ids = self.faiss_index.search(qvec[None, :], want, params=params)
         return self._exact(qvec, ids[0][ids[0] >= 0], depth)
 
@@ -648,12 +652,12 @@ def index_manifest(docs, chunks, embedder_name: str, dimension: int, settings: d
         "language": language,
         "counts": {"documents": len(docs), "chunks": len(chunks)},
         "metadata_keys": sorted({k for c in chunks for k in c.metadata}),
-        "versions": {pkg: _version(pkg) for pkg in ("faiss-cpu", "sentence-transformers", "bm25s", "numpy")},
+        "versions": {pkg: package_version(pkg) for pkg in ("faiss-cpu", "sentence-transformers", "bm25s", "numpy")},
         "documents": per_doc,
     }
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
     try:
         return importlib_metadata.version(dist)
     except importlib_metadata.PackageNotFoundError:

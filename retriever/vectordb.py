@@ -33,7 +33,7 @@ from raglora.files import atomic_write_text
 from retriever.chunking import Chunk
 from retriever.config import QdrantConfig
 from retriever.embedder import Embedder, normalise
-from retriever.search import CHUNK_FIELDS, normalise_language, tokenize
+from retriever.search import CHUNK_FIELDS, field_values, normalise_language, tokenize
 
 DENSE, SPARSE = "dense", "bm25"
 STORAGE = "qdrant"  # embedded storage folder inside the index folder
@@ -57,17 +57,10 @@ def term_id(token: str) -> int:
     return zlib.crc32(token.encode("utf-8"))
 
 
-def _field_values(chunk: Chunk, field: str) -> list[str]:
-    value = getattr(chunk, field) if field in CHUNK_FIELDS else chunk.metadata.get(field)
-    if value is None:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
 def filter_terms(chunk: Chunk) -> list[str]:
     """Every filterable (field, value) as one keyword: filters compare strings, as the FAISS backend does."""
     fields = [*CHUNK_FIELDS, *(k for k in chunk.metadata if k not in CHUNK_FIELDS)]
-    return [f"{f}{TERM_SEP}{v}" for f in fields for v in _field_values(chunk, f)]
+    return [f"{f}{TERM_SEP}{v}" for f in fields for v in field_values(chunk, f)]
 
 
 def term_counts(tokens: list[str]) -> dict[int, int]:
@@ -385,21 +378,12 @@ def _vectors_for(chunks, by_key, client, name, where, embedder, batch_size, show
 
 
 def _common_manifest(docs, chunks, embedder, settings, language) -> dict:
-    from retriever.index import index_manifest
+    from retriever.index import index_manifest, package_version
 
     manifest = index_manifest(docs, chunks, embedder.name, embedder.dimension, settings, language)
     manifest["versions"].pop("faiss-cpu", None)
-    manifest["versions"]["qdrant-client"] = _version("qdrant-client")
+    manifest["versions"]["qdrant-client"] = package_version("qdrant-client")
     return manifest
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ store
