@@ -239,7 +239,7 @@ data:
 
 index:
   docs: {docs}
-  embedder: packaged:all-mpnet-base-v2  # or packaged:all-MiniLM-L6-v2 (7x cheaper), any sentence-transformers name or path
+  embedder: packaged:all-mpnet-base-v2  # or packaged:all-MiniLM-L6-v2 (6x cheaper), any sentence-transformers name or path
   chunk_size: 800
   chunk_overlap: 100
   faq_include_question: false

