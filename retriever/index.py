@@ -48,6 +48,7 @@ from retriever.search import (
     field_values,
     language_warning,
     normalise_language,
+    parse_filters,
     top_ids,
 )
 from retriever.search import search as run_search
@@ -164,8 +165,6 @@ class Index:
 
     def allowed(self, filters: dict | None, exclude: Collection[str] = ()) -> np.ndarray | None:
         """Sorted positions a query may return; None when nothing is filtered or excluded."""
-        from retriever.search import parse_filters
-
         parsed = parse_filters(filters, self._known_fields())
         if not parsed and not exclude:
             return None
