@@ -37,6 +37,7 @@ from bench.common import (
 SIDES = {
     "ours": "ours: finetune.train.train_loop (length-grouped, head on target positions only)",
     "hf": "baseline: transformers.Trainer + get_peft_model + DataCollatorForSeq2Seq (random batches)",
+    "hf-grouped": "peer: the same Trainer with its length-grouped sampler (group_by_length)",
     "hf+malloc": "baseline + our glibc malloc tuning (finetune.train.tune_cpu_malloc) - ablation",
     "ours-full": "ours, full fine-tuning (all weights, fp32 AdamW)",
     "ours-lora-short": "ours, LoRA, same short run as full fine-tuning",
@@ -183,7 +184,17 @@ def tensor_memory_mb(loss_module, batch: dict) -> dict:
     }
 
 
-def worker_hf(args, malloc: bool = False) -> dict:
+def grouping_args(training_arguments) -> dict:
+    """The Trainer's length-grouped sampler, spelled as the installed transformers spells it."""
+    import inspect
+
+    params = inspect.signature(training_arguments).parameters
+    if "train_sampling_strategy" in params:  # transformers 5
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
+def worker_hf(args, malloc: bool = False, grouped: bool = False) -> dict:
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
@@ -240,6 +251,7 @@ def worker_hf(args, malloc: bool = False) -> dict:
             seed=ft_cfg.seed,
             dataloader_num_workers=0,
             disable_tqdm=True,
+            **(grouping_args(TrainingArguments) if grouped else {}),
         )
         trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator)
         t0 = time.perf_counter()
@@ -267,6 +279,8 @@ def worker_hf(args, malloc: bool = False) -> dict:
 def worker_main(args) -> None:
     if args.worker == "hf":
         res = worker_hf(args)
+    elif args.worker == "hf-grouped":
+        res = worker_hf(args, grouped=True)
     elif args.worker == "hf+malloc":
         res = worker_hf(args, malloc=True)
     elif args.worker == "ours-full":
@@ -287,6 +301,7 @@ def run_side(side: str, args, *, workload: str, steps: int, lr: float) -> dict:
     if args.in_process:  # smoke tests: no subprocess, peak RSS not isolated
         sub = argparse.Namespace(**{**vars(args), "worker": worker, "workload": workload, "steps": steps, "lr": lr})
         fn = {"hf": lambda: worker_hf(sub), "hf+malloc": lambda: worker_hf(sub, malloc=True),
+              "hf-grouped": lambda: worker_hf(sub, grouped=True),
               "ours-full": lambda: worker_ours(sub, method="full")}.get(worker, lambda: worker_ours(sub))  # fmt: skip
         return _finish(side, fn(), {"peak_rss_mb": None, "wall_s": float("nan")})
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,14 +343,23 @@ WORKLOADS = {
 }
 
 
-def compare(res: dict) -> dict:
+#: ours / best peer, real tokens/s: the stage workload is where our batching and loss should pay most
+GOALS = {"stage": 1.5, "plain": 1.2}
+
+
+def compare(res: dict, goal: float) -> dict:
+    """Ours against the best-configured peer (the faster Trainer setting), and against the default Trainer."""
     ours, hf = res["ours"], res["hf"]
-    speedup = ratio(ours["tokens_per_s"], hf["tokens_per_s"])
-    loss_diff = (ours["val_loss"] - hf["val_loss"]) / hf["val_loss"]
+    peers = [side for side in ("hf-grouped", "hf") if side in res]
+    best = max(peers, key=lambda side: res[side]["tokens_per_s"])
+    speedup = ratio(ours["tokens_per_s"], res[best]["tokens_per_s"])
+    loss_diff = (ours["val_loss"] - res[best]["val_loss"]) / res[best]["val_loss"]
     return {
+        "best_peer": best,
         "speedup_tokens_per_s": speedup,
-        "goal_speedup": 1.5,
-        "speedup_goal_met": bool(speedup and speedup >= 1.5),
+        "speedup_vs_default_trainer": ratio(ours["tokens_per_s"], hf["tokens_per_s"]),
+        "goal_speedup": goal,
+        "speedup_goal_met": bool(speedup and speedup >= goal),
         "val_loss_rel_diff": round(loss_diff, 4),
         "loss_goal_met": abs(loss_diff) <= 0.02,
         "peak_rss_ratio_hf_over_ours": ratio(hf["peak_rss_mb"], ours["peak_rss_mb"]),
@@ -353,18 +377,21 @@ def throughput_table(workload: str, res: dict, summary: dict, args, steps: int) 
         f"LoRA training throughput, {WORKLOADS[workload]} ({args.base}, batch {args.batch_size}, {steps} steps, "
         "CPU fp32)"
     )
-    ours, hf = res["ours"], res["hf"]
+    ours, hf, best = res["ours"], res["hf"], res[summary["best_peer"]]
     headers = ["side", "steps", "real tokens", "padding eff.", "train wall s", "real tok/s", "last step loss",
                "val loss after", "peak RSS MB"]  # fmt: skip
     text = md_table(headers, rows) + (
-        f"\n\nSpeed-up ours/baseline (real tokens/s): **{summary['speedup_tokens_per_s']}x** (goal >= 1.5x: "
-        f"{'met' if summary['speedup_goal_met'] else 'NOT met'}). Validation loss after training (same "
-        f"{args.val_examples} domain validation examples, same function): ours {ours['val_loss']:.4f} vs baseline "
-        f"{hf['val_loss']:.4f} ({summary['val_loss_rel_diff']:+.2%}; goal within +-2%: "
-        f"{'met' if summary['loss_goal_met'] else 'NOT met'}). Random batches over a whole epoch of this data pad "
-        f"at {summary['baseline_epoch_random_padding_efficiency']} efficiency (the baseline's {steps} steps drew "
-        f"{hf['padding_efficiency']}). Last-step losses are on different batches (grouped vs random) and are not "
-        "comparable."
+        f"\n\nSpeed-up ours / best peer ({SIDES[summary['best_peer']].split(':')[0]}: {summary['best_peer']}), real "
+        f"tokens/s: **{summary['speedup_tokens_per_s']}x** (goal >= {summary['goal_speedup']}x: "
+        f"{'met' if summary['speedup_goal_met'] else 'NOT met'}); ours / the default Trainer: "
+        f"{summary['speedup_vs_default_trainer']}x. Validation loss after training (same {args.val_examples} "
+        f"domain validation examples, same function): ours {ours['val_loss']:.4f} vs best peer "
+        f"{best['val_loss']:.4f} ({summary['val_loss_rel_diff']:+.2%}; goal within +-2%: "
+        f"{'met' if summary['loss_goal_met'] else 'NOT met'}; after {steps} steps data order has not washed out, "
+        "so this is a sanity check, not the issue's full-epoch equality). Random batches over a whole epoch of "
+        f"this data pad at {summary['baseline_epoch_random_padding_efficiency']} efficiency (the default "
+        f"Trainer's {steps} steps drew {hf['padding_efficiency']}). TRL's SFTTrainer (padding-free) is not "
+        "measured: trl is not installed."
     )
     return title, text
 
@@ -396,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out-dir", default="reports/bench")
     ap.add_argument("--in-process", action="store_true", help="run the sides in this process (smoke tests)")
-    ap.add_argument("--worker", choices=["ours", "hf", "hf+malloc", "ours-full"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "hf", "hf-grouped", "hf+malloc", "ours-full"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     workloads = (args.workloads or ("stage" if args.quick else "stage,plain")).split(",")
@@ -412,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"workloads": {}}
     tables: dict = {}
     for wl in workloads:
-        sides = ["ours", "hf"] + (["hf+malloc"] if wl == "plain" and args.ablation else [])
+        sides = ["ours", "hf-grouped", "hf"] + (["hf+malloc"] if wl == "plain" and args.ablation else [])
         res = {s: run_side(s, args, workload=wl, steps=steps, lr=args.lr) for s in sides}
-        summary = compare(res)
+        summary = compare(res, GOALS[wl])
         results["workloads"][wl] = {"sides": res, "summary": summary}
         title, text = throughput_table(wl, res, summary, args, steps)
         tables[title] = text

@@ -42,7 +42,8 @@ def test_train_throughput(tiny, tmp_path):
     assert train_throughput.main(argv) == 0
     results = _report(tmp_path, "train_throughput")["results"]
     res = results["workloads"]["plain"]
-    assert set(res["sides"]) == {"ours", "hf"}
+    assert set(res["sides"]) == {"ours", "hf", "hf-grouped"}
+    assert res["summary"]["best_peer"] in ("hf", "hf-grouped")
     lora, full = results["full_vs_lora"]["lora"], results["full_vs_lora"]["full"]
     assert full["trainable_params"] > lora["trainable_params"]
     assert full["grads_and_adam_mb"] > lora["grads_and_adam_mb"] and lora["saved_activations_mb"] >= 0
@@ -136,3 +137,16 @@ def test_shared_helpers():
     assert ratio(3.0, 2.0) == 1.5 and ratio(1.0, 0) is None
     assert md_table(["a"], [[np.float64(1.5).item()]]).splitlines()[2] == "| 1.50 |"
     assert sys.executable
+
+
+def test_the_grouped_trainer_peer_really_groups_by_length(tmp_path):
+    from transformers import TrainingArguments
+
+    from bench.train_throughput import grouping_args
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", **grouping_args(TrainingArguments)
+    )
+    assert getattr(args, "train_sampling_strategy", None) == "group_by_length" or getattr(
+        args, "group_by_length", False
+    )
