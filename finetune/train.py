@@ -40,11 +40,65 @@ class TrainingInterrupted(RagloraError):
     """Ctrl-C during a stage: a checkpoint was saved and `--resume` continues."""
 
 
+#: bytes of one chunk of (positions x vocabulary) logits in the fused head loss
+HEAD_CHUNK_BYTES = 32 * 2**20
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets`, a chunk of positions at a time,
+    with the gradients computed in the same pass: the (positions x vocabulary) logits never exist in full, in
+    forward or backward. With a 49k vocabulary they were the largest tensors of a step, held three times over
+    (log-softmax saved for backward, its gradient, the logits' gradient), and not needed once a chunk's
+    gradient is known. The fused linear cross-entropy of Liger-Kernel, also behind TRL's fused LM head.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        grad_b = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            g[torch.arange(len(t), device=g.device), t] -= 1  # d(loss)/d(logits)
+            g = g.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[start : start + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.grads
+        del ctx.grads
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
+        return *scaled, None, None
+
+
+def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the LM head on `hidden` rows: chunked and fused for a plain nn.Linear head, the
+    module's own forward otherwise (a quantised or adapted head)."""
+    if type(head) is torch.nn.Linear:
+        chunk = max(1, HEAD_CHUNK_BYTES // (4 * head.out_features))
+        return ChunkedHeadLoss.apply(hidden, head.weight, head.bias, targets, chunk)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
 class CausalLMLoss(torch.nn.Module):
     """Wraps a causal LM (PEFT or plain): forward(batch) -> (sum of token losses, number of target tokens).
 
-    Fast path: run the decoder body, then the LM head only on positions whose next token is a target.
-    Prompt-learning methods (virtual tokens) and models with logit post-processing use the full forward.
+    Fast path: run the decoder body, then the LM head only on positions whose next token is a target, fused
+    with the loss a chunk at a time (`head_loss`). Prompt-learning methods (virtual tokens) and models with logit post-processing use the full forward.
     """
 
     def __init__(self, model, *, prompt_learning: bool = False, keep_padding_mask: bool = False):
@@ -77,12 +131,10 @@ class CausalLMLoss(torch.nn.Module):
             kwargs["position_ids"] = position_ids
         if self._decoder is not None:
             hidden = self._decoder(**kwargs).last_hidden_state
-            logits = self._head(hidden[sel])
-        else:
-            logits = self.model(**kwargs).logits
-            logits = logits[:, -input_ids.shape[1] :][sel]  # prompt tuning prepends virtual-token positions
-        loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
-        return loss_sum, sel.sum()
+            return head_loss(self._head, hidden[sel], targets[sel]), sel.sum()
+        logits = self.model(**kwargs).logits
+        logits = logits[:, -input_ids.shape[1] :][sel]  # prompt tuning prepends virtual-token positions
+        return F.cross_entropy(logits.float(), targets[sel], reduction="sum"), sel.sum()
 
 
 def _to(batch: dict, device) -> dict:
@@ -224,6 +276,48 @@ def tune_cpu_malloc() -> bool:
         return False
 
 
+class SavedTensors:
+    """Counts the bytes autograd saves for backward inside a `with` block: each storage once, weights not (they
+    are counted as weights). The first training step runs the longest batch, so this is the activation peak."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.held = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+        self.storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.held:
+            self.storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def mb(self) -> float:
+        return round(sum(self.storages.values()) / 2**20, 1)
+
+
+def tensor_memory_mb(module: torch.nn.Module, saved: SavedTensors) -> dict:
+    """What training must hold in tensors, counted rather than read off RSS: weights, gradients and AdamW's two
+    moments for the trainable parameters, and the activations saved for backward on the longest batch. Peak
+    RSS holds these plus the runtime and whatever the allocator keeps."""
+    mb = 2**20
+    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    out = {
+        "weights_mb": round(sum(p.numel() * p.element_size() for p in module.parameters()) / mb, 1),
+        "grads_and_adam_mb": round(3 * trainable / mb, 1),
+        "saved_activations_mb": saved.mb,
+    }
+    out["tensor_mb"] = round(sum(out.values()), 1)
+    return out
+
+
 def reset_peak_memory(device_type: str) -> None:
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -233,6 +327,15 @@ def reset_peak_memory(device_type: str) -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def peak_memory_mb(device_type: str) -> dict:
@@ -382,6 +485,8 @@ def train_loop(
         )  # fmt: skip
 
     model.train()
+    saved = SavedTensors(loss_module)  # filled by the first step run here
+    rss_at_start = rss_mb()
     bar = tqdm(
         total=total_steps, initial=start_step, desc=f"finetune {stage}", disable=not accelerator.is_local_main_process
     )
@@ -405,7 +510,8 @@ def train_loop(
                 for j, batch in enumerate(micro):
                     sync = j == ga - 1
                     ctx = accelerator.no_sync(model) if (not sync and world > 1) else contextlib.nullcontext()
-                    with ctx:
+                    count = saved if saved.storages == {} and j == 0 else contextlib.nullcontext()
+                    with ctx, count:
                         loss_sum, n = model(**_to(batch, accelerator.device))
                         accelerator.backward(loss_sum / max(n_window, 1))
                     stats += torch.tensor(
@@ -486,4 +592,6 @@ def train_loop(
         "world_size": world,
         "ddp_params_in_sync": in_sync,
         "log_path": log_path,
+        **tensor_memory_mb(loss_module, saved),
+        "rss_at_train_start_mb": rss_at_start,
     }

@@ -83,3 +83,29 @@ def test_masked_loss_equals_a_hand_computation_and_the_full_forward():
     s2, n2 = slow(batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
     torch.testing.assert_close(s2, loss_sum)
     assert int(n2) == int(n)
+
+
+def test_the_chunked_fused_head_loss_gives_the_plain_loss_and_gradients(monkeypatch):
+    """Loss and every gradient (hidden states, a trainable head's weight and bias) as F.cross_entropy gives them,
+    with chunks far smaller than the positions, so chunk edges are crossed."""
+    import torch.nn.functional as F
+
+    from finetune import train
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    monkeypatch.setattr(train, "HEAD_CHUNK_BYTES", 4 * 50 * 5)  # 5 positions per chunk
+    fused = train.head_loss(head, hidden, targets)
+    (2.5 * fused).backward()  # a scaled upstream gradient, as the loop's division by the token count gives
+    got = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+    for t in (hidden, head.weight, head.bias):
+        t.grad = None
+    ref = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (2.5 * ref).backward()
+    torch.testing.assert_close(fused, ref)
+    for g, t in zip(got, (hidden, head.weight, head.bias), strict=True):
+        torch.testing.assert_close(g, t.grad)
+    with torch.no_grad():  # evaluation: the loss only
+        torch.testing.assert_close(train.head_loss(head, hidden, targets), ref.detach())
