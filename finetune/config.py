@@ -158,6 +158,9 @@ class FinetuneConfig(BaseModel):
     mega_batch_factor: int = Field(16, gt=0)  # mega-batch = this many batches
     packing: bool = False  # pack each batch's examples into rows of <= max_length (no cross-example attention)
     gradient_checkpointing: bool = False
+    # Linux/CPU: the malloc `raglora finetune` re-executes itself on (finetune/allocator.py): auto | tcmalloc |
+    # mimalloc | jemalloc | system | a path to a shared library. glibc's own fragments activations (2.6x RSS).
+    allocator: str = "auto"
     # Checkpoints (and on Ctrl-C): every save_steps optimizer steps when set, else every save_minutes of
     # training, so that a SIGKILL costs at most a few minutes of a stage whatever its length.
     save_steps: int | None = Field(None, gt=0)

@@ -290,10 +290,10 @@ def cite_answer(answer: str, sentences: list[tuple[int, int]], supported: list[b
     return out
 
 
-def raft_judge(index, *, calibration_pairs: int = 0, seed: int = 0):
+def raft_judge(index, *, calibration_pairs: int = 0, seed: int = 0, threshold: float | None = None):
     """The groundedness judge for RAFT targets: `pipeline.metrics.Judge` with the index's embedder when it has
     one (threshold calibrated on the index's chunks with `calibration_pairs` pairs, as evaluation does; 0 keeps
-    the judge's default), else its n-gram rule alone."""
+    the judge's default; a given `threshold` is used as it is), else its n-gram rule alone."""
     from pipeline.metrics import Judge, calibrate_judge
 
     embedder = getattr(index, "embedder", None)
@@ -303,6 +303,8 @@ def raft_judge(index, *, calibration_pairs: int = 0, seed: int = 0):
     def embed(texts):
         return embedder.encode(list(texts), batch_size=64)
 
+    if threshold is not None:
+        return Judge(embed=embed, threshold=threshold)
     if calibration_pairs <= 0:
         return Judge(embed=embed)
     texts = [c.text for c in getattr(index, "chunks", None) or []]

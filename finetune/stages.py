@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from finetune.allocator import active_allocator
 from finetune.config import FinetuneConfig, LoraSettings, ModelConfig, StageConfig, resolve_lora
 from finetune.data import (
     is_text_example,
@@ -148,10 +149,13 @@ class RunContext:
     val_cache: dict = field(default_factory=dict)
     _gold: tuple | None = None  # (GoldFinder, held-out gold chunk ids), built once per run
     _judge: Any = None  # the groundedness judge of RAFT citations, calibrated once per run
+    _judge_threshold: float | None = None  # its calibrated threshold, kept while the judge is put aside
+    _opened_index: bool = False  # the run opened the index itself, so it may close and re-open it
 
     def raft_index(self, stage: StageConfig):
         if self.index is None:
             self.index = _open_index(self.index_dir, stage)
+            self._opened_index = True
         return self.index
 
     def raft_judge(self):
@@ -159,8 +163,21 @@ class RunContext:
         if self._judge is None:
             from finetune.raft import raft_judge
 
-            self._judge = raft_judge(self.index, calibration_pairs=JUDGE_CALIBRATION_PAIRS)
+            self._judge = raft_judge(
+                self.index, calibration_pairs=JUDGE_CALIBRATION_PAIRS, threshold=self._judge_threshold
+            )
         return self._judge
+
+    def put_retrieval_aside(self) -> None:
+        """Free the index and its embedder while a stage trains, so their memory goes to activations (the
+        embedder alone is ~0.4 GB with the default all-mpnet-base-v2); the next RAFT stage re-opens them, and
+        the judge keeps its calibrated threshold. An index passed in by the caller is left alone."""
+        if not self._opened_index:
+            return
+        if self._judge is not None:
+            self._judge_threshold = getattr(self._judge, "threshold", None)
+        self.index = self._judge = None
+        gc.collect()
 
     def held_out_gold(self) -> tuple[Any, set[str], set[str]]:
         """(GoldFinder over the index, ids of every chunk that is gold for a held-out row of any chat stage, ids of
@@ -231,7 +248,7 @@ def run_finetune(
     if model_cfg.load_in_4bit:
         check_4bit(device)
     accelerator = Accelerator(cpu=device == "cpu")
-    if accelerator.device.type == "cpu":
+    if accelerator.device.type == "cpu" and active_allocator() == "system":
         tune_cpu_malloc()
     with accelerator.main_process_first():  # the packaged base is converted once, by one process
         base_path = resolve_base(model_cfg.base, cache_dir)
@@ -306,6 +323,7 @@ def _run_stage(ctx: RunContext, i: int, stage: StageConfig) -> dict:
     )
 
     # model, training, validation loss before/after and forgetting
+    ctx.put_retrieval_aside()
     model = _load_model(ctx, lora, chain)
     trainable, total = count_parameters(model)
     _say(
@@ -329,6 +347,7 @@ def _run_stage(ctx: RunContext, i: int, stage: StageConfig) -> dict:
             "validation_loss": val_after,
             "forgetting": _forgetting(ctx, i, stage, val_before, val_after),
             **peak_memory_mb(ctx.accelerator.device.type),
+            "allocator": active_allocator(),
             "trainable_params": trainable,
             "total_params": total,
             "trainable_ratio": round(trainable / total, 6),
@@ -385,6 +404,11 @@ _RESULT_METRICS = (
     "resumed_from_step",
     "world_size",
     "ddp_params_in_sync",
+    "weights_mb",
+    "grads_and_adam_mb",
+    "saved_activations_mb",
+    "tensor_mb",
+    "rss_at_train_start_mb",
 )
 
 

@@ -407,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and Path(DEFAULT_CONFIG).is_file():
         args.config = DEFAULT_CONFIG
     try:
+        if argv is None and args.func in (cmd_finetune, cmd_demo):  # a real command line, not a call from Python
+            from finetune.allocator import relaunch_with_allocator
+
+            relaunch_with_allocator(_config(args).finetune.allocator)
         return args.func(args)
     except RagloraError as exc:
         print(f"error: {exc}", file=sys.stderr)
