@@ -42,14 +42,24 @@ def command(name: str, args) -> list[str]:
 def headlines(reports: dict) -> list[str]:
     """One line per headline ratio found in the reports (missing benchmarks are simply left out)."""
     out = []
-    for wl, tr in reports.get("train_throughput", {}).get("results", {}).get("workloads", {}).items():
+    train = reports.get("train_throughput", {}).get("results", {})
+    for wl, tr in train.get("workloads", {}).items():
         s = tr["summary"]
+        peers = ", ".join(f"{side} {p['speedup']}x" if p["speedup"] else f"{side}: {p['status']}"
+                          for side, p in s["peers"].items())  # fmt: skip
         out.append(
-            f"LoRA training ({wl} workload), ours vs the best peer ({s.get('best_peer', 'hf')}): "
-            f"{s['speedup_tokens_per_s']}x real tokens/s (goal {s.get('goal_speedup', 1.5)}x "
-            f"{'met' if s['speedup_goal_met'] else 'NOT met'}), vs the default Trainer "
-            f"{s.get('speedup_vs_default_trainer', s['speedup_tokens_per_s'])}x, validation loss "
-            f"{s['val_loss_rel_diff']:+.2%} (goal +-2% {'met' if s['loss_goal_met'] else 'NOT met'})"
+            f"LoRA training ({wl} workload), ours vs the best peer ({s['best_peer']}): "
+            f"{s['speedup_tokens_per_s']}x real tokens/s (goal {s['goal_speedup']}x "
+            f"{'met' if s['speedup_goal_met'] else 'NOT met'}); every peer: {peers}; ours' peak RSS "
+            f"{s['ours_peak_rss_over_tensors']}x its counted tensors (goal <= {s['rss_goal']}x)"
+        )
+    if "equality" in train:
+        check = train["equality"]["check"]
+        out.append(
+            f"Loss equality after one epoch of {train['equality']['stage']}: "
+            + ", ".join(
+                f"{side} {c['rel_diff_vs_ours']:+.2%}{'' if c['equal'] else ' DIVERGES'}" for side, c in check.items()
+            )  # fmt: skip
         )
     gen = reports.get("generation", {}).get("results")
     if gen:

@@ -1,16 +1,20 @@
-"""LoRA training throughput: our trainer (finetune/train.py's loop, called as finetune/stages.py calls it) vs the
-baseline the docs teach (transformers.Trainer + PEFT get_peft_model + DataCollatorForSeq2Seq on random batches),
-same model, data, LoRA settings, batch size, steps, lr and seed; plus full fine-tuning vs LoRA (time, memory).
+"""LoRA training throughput and memory: our trainer (finetune/train.py's loop, called as finetune/stages.py calls
+it) against the best-configured peers - TRL's SFTTrainer padding-free, transformers.Trainer + PEFT with its
+length-grouped sampler - and the Trainer at its defaults; same model, data, LoRA settings, batch size, lr and
+seed; plus full fine-tuning vs LoRA (time, memory).
 
-    .venv/bin/python -m bench.train_throughput [--quick] [--workloads stage,plain] [--steps 8] [--batch-size 8]
+    .venv/bin/python -m bench.train_throughput [--quick] [--workloads stage,plain] [--steps 6] [--sides ...]
 
-Each side runs in its own subprocess (clean peak RSS). Throughput = real (non-padding) tokens / wall seconds of
-the training call (our `train_loop(...)` vs `trainer.train()`); both get the same warm-up (one forward+backward
-on the same 8 examples, gradients dropped) first. Loss equality is judged on the validation loss after training,
-computed by the same function (`finetune.train.evaluate_loss`) over the same domain validation examples.
-Two workloads, built by the functions finetune/stages.py trains with: "stage" is the domain stage as `raglora
-finetune` runs it (RAFT contexts from the index, general replay; needs `make index`), "plain" the same Q/A rows
-without contexts. Random batches waste far more on padding in the first, so the two ratios differ.
+Each side runs in its own subprocess (clean peak RSS), every one on the allocator `raglora finetune` runs on
+(`finetune.allocator`), so the ratios compare trainers, not mallocs. Throughput = real (non-padding) tokens /
+wall seconds of the training call (our `train_loop(...)` vs `trainer.train()`); every side gets the same
+warm-up (one forward+backward on the same examples, gradients dropped) first.
+
+Loss equality is judged on a full epoch of the config's last stage (every side sees every example once), by
+the same function (`finetune.train.evaluate_loss`) over the same validation examples: a peer that ends more
+than 2 % from ours fails the comparison and gets no speed figure. Two speed workloads, built by the functions
+finetune/stages.py trains with: "stage" is a stage as `raglora finetune` runs it (RAFT contexts from the
+index, replay; needs `make index`), "plain" the same Q/A rows without contexts.
 """
 
 from __future__ import annotations
@@ -27,18 +31,22 @@ from bench.common import (
     DEFAULT_CACHE,
     DEFAULT_INDEX,
     REPO,
+    child_env,
     md_table,
     ratio,
     report_peak_rss,
     run_measured,
     write_report,
 )
+from finetune.allocator import preload_env, resolve_allocator
 
 SIDES = {
-    "ours": "ours: finetune.train.train_loop (length-grouped, head on target positions only)",
-    "hf": "baseline: transformers.Trainer + get_peft_model + DataCollatorForSeq2Seq (random batches)",
-    "hf-grouped": "peer: the same Trainer with its length-grouped sampler (group_by_length)",
-    "hf+malloc": "baseline + our glibc malloc tuning (finetune.train.tune_cpu_malloc) - ablation",
+    "ours": "ours: raglora finetune's loop (length-grouped batches, fused head on trained positions only)",
+    "ours-packed": "ours with finetune.packing: true (a batch packed into rows, no cross-example attention)",
+    "trl": "peer: TRL SFTTrainer, padding-free, loss on the answers only",
+    "hf-grouped": "peer: transformers.Trainer + PEFT with its length-grouped sampler",
+    "hf": "transformers.Trainer + PEFT at its defaults (random batches)",
+    "ours-system": "ours on the C library's malloc (finetune.allocator: system) - ablation",
     "ours-full": "ours, full fine-tuning (all weights, fp32 AdamW)",
     "ours-lora-short": "ours, LoRA, same short run as full fine-tuning",
 }
@@ -47,24 +55,48 @@ SIDES = {
 # ---------------------------------------------------------------------------------------------- worker
 
 
+def _stage_config(args):
+    """(finetune config, index of the stage, the stage) named by args.stage in args.config."""
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config).finetune
+    names = [s.name for s in cfg.stages]
+    if args.stage not in names:
+        raise SystemExit(f"--stage {args.stage!r} is not a stage of {args.config} (stages: {', '.join(names)})")
+    i = names.index(args.stage)
+    return cfg, i, cfg.stages[i]
+
+
+def default_stages(config: str | Path) -> tuple[str, str]:
+    """(speed stage, epoch stage): the first retrieval-aware stage (else the first), and the last stage, which in
+    a general -> domain -> subdomain chain is the small one a full epoch of fits in the benchmark."""
+    from pipeline.config import load_config
+
+    stages = load_config(config).finetune.stages
+    if not stages:
+        raise SystemExit(f"{config} defines no finetune stages")
+    speed = next((s for s in stages if s.raft), stages[0])
+    return speed.name, stages[-1].name
+
+
 def _prepare(args):
     """(model, tokenizer, train examples, validation examples), built by the functions finetune/stages.py uses.
 
-    Workload "stage": the domain stage exactly as `raglora finetune` trains it (RAFT contexts from the index,
-    replay of general rows). Workload "plain": the same domain Q/A rows without contexts or replay.
+    Workload "stage": args.stage exactly as `raglora finetune` trains it (RAFT contexts from the index when the
+    stage has raft, replay of earlier stages' rows). Workload "plain": the same Q/A rows without contexts or
+    replay. The model is the bare base (the stage's parents are not merged in: speed and memory do not depend
+    on them). With args.epoch, args.steps becomes one epoch of the training examples.
     """
     import torch
 
     from finetune.model import load_base
     from finetune.prompt import load_system_prompt
     from finetune.stages import _open_index, _val_examples, stage_examples, stage_rows
-    from pipeline.config import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_base(args.base, cache_dir=args.cache_dir, device="cpu", dtype="float32")
-    cfg = load_config(REPO / "configs" / "default.yaml").finetune  # the packaged demo's stages
-    i, stage = next((i, s) for i, s in enumerate(cfg.stages) if s.name == "domain")
+    cfg, i, stage = _stage_config(args)
     prompts = {
         "plain": load_system_prompt(None, with_context=False),
         "rag": load_system_prompt(None, with_context=True),
@@ -78,10 +110,13 @@ def _prepare(args):
     train = stage_examples(
         stage, rows, replay, seed=cfg.seed, tok=tok, prompts=prompts, max_length=args.max_length, index=index
     )[0]
+    del index  # not needed while training: raglora finetune puts it aside too (RunContext.put_retrieval_aside)
     val = _val_examples(
         stage, data_dir=Path(args.data_dir), tok=tok, prompts=prompts, max_length=args.max_length,
         limit=args.val_examples, cache={},
     )  # fmt: skip
+    if args.epoch:
+        args.steps = -(-len(train) // args.batch_size)
     return model, tok, train, val
 
 
@@ -109,18 +144,20 @@ def _val_loss(model, val, pad_id: int) -> float:
     return evaluate_loss(loss_module, val, accelerator=Accelerator(cpu=True), batch_size=16, pad_id=pad_id)
 
 
-def worker_ours(args, method: str = "lora") -> dict:
+def worker_ours(args, method: str = "lora", packing: bool = False) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from finetune.allocator import active_allocator
     from finetune.config import FinetuneConfig, StageConfig
     from finetune.data import collate
     from finetune.model import apply_method
     from finetune.train import CausalLMLoss, train_loop, tune_cpu_malloc
 
-    ft_cfg = FinetuneConfig()
+    ft_cfg = FinetuneConfig(packing=packing)
     accelerator = Accelerator(cpu=True)
-    tune_cpu_malloc()  # run_finetune does this on CPU
+    if active_allocator() == "system":
+        tune_cpu_malloc()  # as run_finetune does on CPU
     model, tok, train, val = _prepare(args)
     set_seed(ft_cfg.seed)
     model = apply_method(model, _lora_settings(method))
@@ -130,22 +167,22 @@ def worker_ours(args, method: str = "lora") -> dict:
                                   if k in ("input_ids", "labels", "attention_mask")})  # fmt: skip
     (loss_sum / n).backward()
     model.zero_grad(set_to_none=True)
+    # --epoch: one epoch as ours plans it (every example once), not a step count
     stage = StageConfig(
-        name="domain", train_file="domain/train.jsonl", max_steps=args.steps, lr=args.lr, batch_size=args.batch_size
+        name=args.stage, max_steps=None if args.epoch else args.steps, epochs=1, lr=args.lr, batch_size=args.batch_size
     )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train_loop(
-            stage="domain", loss_module=loss_module, train_examples=train, stage_cfg=stage, ft_cfg=ft_cfg,
+            stage=args.stage, loss_module=loss_module, train_examples=train, stage_cfg=stage, ft_cfg=ft_cfg,
             accelerator=accelerator, pad_id=tok.pad_token_id, max_length=args.max_length, ckpt_root=Path(tmp) / "ck",
             config_hash="bench", resume=False, seed=ft_cfg.seed,
         )  # fmt: skip
         wall = time.perf_counter() - t0
         losses = [json.loads(line)["loss"] for line in result["log_path"].read_text().splitlines() if line]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    longest = sorted(train, key=lambda e: -e["length"])[: args.batch_size]
     return {
-        **tensor_memory_mb(loss_module, collate(longest, pad_id=tok.pad_token_id)),
+        **{k: result[k] for k in ("weights_mb", "grads_and_adam_mb", "saved_activations_mb", "tensor_mb")},
         "steps": result["optimizer_steps"],
         "real_tokens": result["train_tokens"],
         "padded_tokens": round(result["train_tokens"] / result["padding_efficiency"]),
@@ -154,33 +191,6 @@ def worker_ours(args, method: str = "lora") -> dict:
         "step_losses": losses,
         "val_loss": _val_loss(result["model"], val, tok.pad_token_id) if val else None,
         "trainable_params": trainable,
-    }
-
-
-def tensor_memory_mb(loss_module, batch: dict) -> dict:
-    """What training must hold in tensors, counted rather than read off RSS: weights, gradients and AdamW's two
-    moments for the trainable parameters, and the activations autograd saves for backward on `batch` (the
-    longest training batch). Peak RSS also holds whatever the allocator keeps, which depends on shapes."""
-    import torch
-
-    storages: dict[int, int] = {}
-    held = {t.untyped_storage().data_ptr() for t in (*loss_module.parameters(), *loss_module.buffers())}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in held:  # weights saved for backward are counted once, as weights
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    loss_module.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_module(batch["input_ids"], batch["labels"])
-    trainable = [p for p in loss_module.parameters() if p.requires_grad]
-    mb = 2**20
-    return {
-        "weights_mb": round(sum(p.numel() * p.element_size() for p in loss_module.parameters()) / mb, 1),
-        "grads_and_adam_mb": round(3 * sum(p.numel() * p.element_size() for p in trainable) / mb, 1),
-        "saved_activations_mb": round(sum(storages.values()) / mb, 1),
-        "longest_batch_tokens": int(batch["input_ids"].numel()),
     }
 
 
@@ -194,22 +204,13 @@ def grouping_args(training_arguments) -> dict:
     return {"group_by_length": True}
 
 
-def worker_hf(args, malloc: bool = False, grouped: bool = False) -> dict:
-    import torch
+def _peft_lora(model):
+    """The peers' LoRA: PEFT's get_peft_model with our default LoRA settings (ours applies the same via
+    finetune.model.apply_method)."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
-    from finetune.config import FinetuneConfig
-
-    if malloc:
-        from finetune.train import tune_cpu_malloc
-
-        tune_cpu_malloc()
-    ft_cfg = FinetuneConfig()
-    model, tok, train, val = _prepare(args)
     lora = _lora_settings()
-    set_seed(ft_cfg.seed)
-    model = get_peft_model(
+    return get_peft_model(
         model,
         LoraConfig(
             task_type=TaskType.CAUSAL_LM,
@@ -219,103 +220,187 @@ def worker_hf(args, malloc: bool = False, grouped: bool = False) -> dict:
             target_modules=list(lora.target_modules),
         ),
     )
-    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * e["length"], "labels": e["labels"]} for e in train]
 
-    class CountingCollator(DataCollatorForSeq2Seq):
-        counts: list[tuple[int, int]] = []
 
-        def __call__(self, features, return_tensors=None):
-            batch = super().__call__(features, return_tensors)
-            self.counts.append((int(batch["attention_mask"].sum()), int(batch["input_ids"].numel())))
-            return batch
+def _peer_arguments(args, output_dir: str, **extra) -> dict:
+    """TrainingArguments fields shared by every transformers-based peer: the same schedule, lr, steps (or one
+    epoch) and seed as ours (cosine, 10 % warm-up, no weight decay, clip 1.0)."""
+    from finetune.config import FinetuneConfig
 
-    collator = CountingCollator(tok, padding=True, label_pad_token_id=-100)
-    warm = collator(rows[: args.batch_size])
-    model(**warm).loss.backward()  # the same warm-up as ours
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=-1 if args.epoch else args.steps,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=FinetuneConfig().seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+class TokenCounter:
+    """Wraps a peer's collator and records (real tokens, token slots) of every batch it builds."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn, self.counts = collate_fn, []
+
+    def __call__(self, features, *a, **kw):
+        batch = self.collate_fn(features, *a, **kw)
+        self.counts.append((sum(len(f["input_ids"]) for f in features), int(batch["input_ids"].numel())))
+        return batch
+
+
+def _run_peer(trainer, counter: TokenCounter, model, val, args, pad_id: int, extra: dict) -> dict:
+    """Warm-up (one forward+backward on the first batch, as ours gets), then trainer.train(), timed."""
+    import torch
+
+    warm = counter.collate_fn([trainer.train_dataset[i] for i in range(args.batch_size)])
+    model(**warm).loss.backward()
     model.zero_grad(set_to_none=True)
-    collator.counts.clear()
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=args.batch_size,
-            max_steps=args.steps,
-            learning_rate=args.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.1,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=ft_cfg.seed,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-            **(grouping_args(TrainingArguments) if grouped else {}),
-        )
-        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator)
-        t0 = time.perf_counter()
-        out = trainer.train()
-        wall = time.perf_counter() - t0
-    used = collator.counts[: args.steps]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    t0 = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - t0
+    used = counter.counts[: out.global_step]  # the dataloader may build one batch ahead
     with torch.no_grad():
-        val_loss = _val_loss(model, val, tok.pad_token_id)
+        val_loss = _val_loss(model, val, pad_id)
     return {
         "steps": int(out.global_step),
         "real_tokens": sum(c[0] for c in used),
         "padded_tokens": sum(c[1] for c in used),
         "wall_s": wall,
         "trainer_runtime_s": out.metrics.get("train_runtime"),
-        "step_losses": losses,
+        "step_losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "val_loss": val_loss,
-        "trainable_params": trainable,
-        "optim": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
-        "epoch_random_padding_efficiency": round(_random_batch_efficiency(train, args.batch_size, ft_cfg.seed), 3),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **extra,
     }
 
 
+def worker_hf(args, grouped: bool = False) -> dict:
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+
+    from finetune.config import FinetuneConfig
+
+    ft_cfg = FinetuneConfig()
+    model, tok, train, val = _prepare(args)
+    set_seed(ft_cfg.seed)
+    model = _peft_lora(model)
+    rows = [{"input_ids": e["input_ids"], "attention_mask": [1] * e["length"], "labels": e["labels"]} for e in train]
+    counter = TokenCounter(DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = TrainingArguments(**_peer_arguments(args, tmp, **(grouping_args(TrainingArguments) if grouped else {})))
+        trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=counter)
+        extra = {
+            "optim": targs.optim if isinstance(targs.optim, str) else targs.optim.value,
+            "epoch_random_padding_efficiency": round(_random_batch_efficiency(train, args.batch_size, ft_cfg.seed), 3),
+        }
+        return _run_peer(trainer, counter, model, val, args, tok.pad_token_id, extra)
+
+
+def trl_missing() -> str | None:
+    """Why the TRL row cannot run here, or None: the peer is optional (`pip install -e '.[bench]'`)."""
+    try:
+        import trl  # noqa: F401
+    except ImportError as exc:
+        return f"trl is not installed ({exc}); pip install -e '.[bench]' adds it"
+    return None
+
+
+def worker_trl(args) -> dict:
+    """TRL's SFTTrainer at its best on this data: padding-free batches (examples concatenated into one row with
+    position_ids restarting at 0, which transformers turns into a block-diagonal mask, so no cross-example
+    attention), loss on the answer tokens only (our labels), and its fused LM head over labelled positions."""
+    import trl
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune.config import FinetuneConfig
+
+    model, tok, train, val = _prepare(args)
+    set_seed(FinetuneConfig().seed)
+    model = _peft_lora(model)
+    data = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in train])
+    with tempfile.TemporaryDirectory() as tmp:
+        # max_length=None: the examples are already cut to --max-length, as TRL asks for padding-free without packing
+        cfg = SFTConfig(**_peer_arguments(args, tmp, padding_free=True, max_length=None, completion_only_loss=True))
+        trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
+        counter = TokenCounter(trainer.data_collator)
+        trainer.data_collator = counter  # read when train() builds its dataloader
+        return _run_peer(trainer, counter, model, val, args, tok.pad_token_id, {"trl_version": trl.__version__})
+
+
+#: side -> worker function (subprocess and in-process runs dispatch through this one table)
+WORKERS = {
+    "ours": worker_ours,
+    "ours-packed": lambda args: worker_ours(args, packing=True),
+    "ours-full": lambda args: worker_ours(args, method="full"),
+    "trl": worker_trl,
+    "hf-grouped": lambda args: worker_hf(args, grouped=True),
+    "hf": worker_hf,
+}
+
+
 def worker_main(args) -> None:
-    if args.worker == "hf":
-        res = worker_hf(args)
-    elif args.worker == "hf-grouped":
-        res = worker_hf(args, grouped=True)
-    elif args.worker == "hf+malloc":
-        res = worker_hf(args, malloc=True)
-    elif args.worker == "ours-full":
-        res = worker_ours(args, method="full")
-    else:
-        res = worker_ours(args)
+    from finetune.allocator import active_allocator
+
+    res = WORKERS[args.worker](args) | {"allocator": active_allocator()}
     Path(args.result).write_text(json.dumps(res))
     report_peak_rss()
 
 
 # ---------------------------------------------------------------------------------------------- parent
 
+#: the peers ours is compared with, best-configured first
+PEERS = ("trl", "hf-grouped", "hf")
+#: validation losses of two sides after the same examples count as equal within this relative difference
+LOSS_BOUND = 0.02
+#: ours' peak RSS over its counted tensor memory
+RSS_GOAL = 1.3
 
-def run_side(side: str, args, *, workload: str, steps: int, lr: float) -> dict:
-    worker = "ours" if side == "ours-lora-short" else side
+
+def run_side(side: str, args, *, workload: str, stage: str, steps: int, lr: float, epoch: bool = False) -> dict:
+    """One side in its own process (clean peak RSS); {"skipped": reason} when its library is not installed."""
+    if side == "trl" and (why := trl_missing()):
+        print(f"[train] {workload}: {side} skipped: {why}", flush=True)
+        return {"skipped": why}
+    worker = "ours" if side in ("ours-lora-short", "ours-system") else side
     if side in ("ours-lora-short", "ours-full"):  # only time and memory are compared there
         args = argparse.Namespace(**{**vars(args), "val_examples": 0})
+    sub = {"worker": worker, "workload": workload, "stage": stage, "steps": steps, "lr": lr, "epoch": epoch}
     if args.in_process:  # smoke tests: no subprocess, peak RSS not isolated
-        sub = argparse.Namespace(**{**vars(args), "worker": worker, "workload": workload, "steps": steps, "lr": lr})
-        fn = {"hf": lambda: worker_hf(sub), "hf+malloc": lambda: worker_hf(sub, malloc=True),
-              "hf-grouped": lambda: worker_hf(sub, grouped=True),
-              "ours-full": lambda: worker_ours(sub, method="full")}.get(worker, lambda: worker_ours(sub))  # fmt: skip
-        return _finish(side, fn(), {"peak_rss_mb": None, "wall_s": float("nan")})
+        return _finish(
+            side,
+            WORKERS[worker](argparse.Namespace(**{**vars(args), **sub})),
+            {"peak_rss_mb": None, "wall_s": float("nan")},
+        )
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [
             sys.executable, "-m", "bench.train_throughput", "--worker", worker, "--result", str(result),
-            "--workloads", workload, "--steps", str(steps), "--lr", str(lr), "--batch-size", str(args.batch_size),
-            "--base", args.base, "--cache-dir", args.cache_dir, "--index", args.index,
-            "--data-dir", args.data_dir, "--max-length", str(args.max_length), "--val-examples", str(args.val_examples),
-        ] + (["--train-rows", str(args.train_rows)] if args.train_rows else [])  # fmt: skip
+            "--workloads", workload, "--stage", stage, "--steps", str(steps), "--lr", str(lr),
+            "--batch-size", str(args.batch_size), "--config", str(args.config), "--base", args.base,
+            "--cache-dir", args.cache_dir, "--index", args.index, "--data-dir", args.data_dir,
+            "--max-length", str(args.max_length), "--val-examples", str(args.val_examples),
+        ] + (["--train-rows", str(args.train_rows)] if args.train_rows else []) + (["--epoch"] if epoch else [])  # fmt: skip
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        print(f"[train] {workload}: running {side} ({steps} steps) ...", flush=True)
-        run = run_measured(cmd, timeout=3600)
+        print(
+            f"[train] {workload} / {stage}: running {side} ({'one epoch' if epoch else f'{steps} steps'}) ...",
+            flush=True,
+        )
+        lib = None if side == "ours-system" else resolve_allocator(args.allocator)
+        run = run_measured(cmd, env=preload_env(lib, child_env()), timeout=3600)
         if run["rc"] != 0 or not result.is_file():
             raise RuntimeError(f"worker {side} failed (rc {run['rc']}):\n{run['stderr'][-3000:]}")
         res = json.loads(result.read_text())
@@ -328,18 +413,20 @@ def _finish(side: str, res: dict, run: dict) -> dict:
     res["padding_efficiency"] = round(res["real_tokens"] / res["padded_tokens"], 3)
     res["s_per_step"] = round(res["wall_s"] / res["steps"], 2)
     res["final_step_loss"] = res["step_losses"][-1] if res["step_losses"] else None
+    if "tensor_mb" in res:
+        res["peak_rss_over_tensors"] = ratio(res["peak_rss_mb"], res["tensor_mb"])
     print(f"[train] {side}: {res['tokens_per_s']} tok/s, val loss {res['val_loss']}, "
           f"peak RSS {res['peak_rss_mb']} MB", flush=True)  # fmt: skip
     return res
 
 
-def _tensor_total(r: dict) -> float:
-    return round(r["weights_mb"] + r["grads_and_adam_mb"] + r["saved_activations_mb"], 1)
+def _ran(r: dict) -> bool:
+    return "skipped" not in r
 
 
 WORKLOADS = {
-    "stage": "domain stage as `raglora finetune` trains it (RAFT contexts + general replay)",
-    "plain": "domain Q/A pairs only (no contexts, no replay)",
+    "stage": "the stage as `raglora finetune` trains it (RAFT contexts, replay of earlier stages)",
+    "plain": "the stage's Q/A pairs only (no contexts, no replay)",
 }
 
 
@@ -347,65 +434,136 @@ WORKLOADS = {
 GOALS = {"stage": 1.5, "plain": 1.2}
 
 
-def compare(res: dict, goal: float) -> dict:
-    """Ours against the best-configured peer (the faster Trainer setting), and against the default Trainer."""
-    ours, hf = res["ours"], res["hf"]
-    peers = [side for side in ("hf-grouped", "hf") if side in res]
-    best = max(peers, key=lambda side: res[side]["tokens_per_s"])
-    speedup = ratio(ours["tokens_per_s"], res[best]["tokens_per_s"])
-    loss_diff = (ours["val_loss"] - res[best]["val_loss"]) / res[best]["val_loss"]
+def loss_check(res: dict) -> dict:
+    """Every side's validation loss after one epoch against ours: equal within LOSS_BOUND, or the comparison with
+    that side fails (its speed figures are then not reported as such)."""
+    ours = res["ours"]["val_loss"]
+    out = {}
+    for side, r in res.items():
+        if side == "ours" or not _ran(r):
+            continue
+        diff = (r["val_loss"] - ours) / ours
+        out[side] = {"val_loss": r["val_loss"], "rel_diff_vs_ours": round(diff, 4), "equal": abs(diff) <= LOSS_BOUND}
+    return out
+
+
+def compare(res: dict, goal: float, equality: dict | None = None) -> dict:
+    """Ours against every peer that ran and trains to the same loss (per `equality`, the full-epoch check), and
+    against the fastest of those: the best-configured peer."""
+    ours = res["ours"]
+    peers: dict = {}
+    for side in PEERS:
+        r = res.get(side)
+        if r is None:
+            continue
+        if not _ran(r):
+            peers[side] = {"speedup": None, "status": f"skipped: {r['skipped']}"}
+        elif equality is not None and side in equality and not equality[side]["equal"]:
+            peers[side] = {"speedup": None, "status": (
+                f"comparison FAILED: validation loss {equality[side]['rel_diff_vs_ours']:+.1%} from ours after one "
+                f"epoch (bound {LOSS_BOUND:.0%}), so no speed figure")}  # fmt: skip
+        else:
+            status = "loss equal after one epoch" if equality is not None else "loss equality not checked"
+            peers[side] = {"speedup": ratio(ours["tokens_per_s"], r["tokens_per_s"]), "status": status}
+    valid = [side for side in peers if peers[side]["speedup"] is not None]
+    best = max(valid, key=lambda side: res[side]["tokens_per_s"]) if valid else None
+    speedup = peers[best]["speedup"] if best else None
+    packed = res.get("ours-packed")
     return {
         "best_peer": best,
         "speedup_tokens_per_s": speedup,
-        "speedup_vs_default_trainer": ratio(ours["tokens_per_s"], hf["tokens_per_s"]),
         "goal_speedup": goal,
         "speedup_goal_met": bool(speedup and speedup >= goal),
-        "val_loss_rel_diff": round(loss_diff, 4),
-        "loss_goal_met": abs(loss_diff) <= 0.02,
-        "peak_rss_ratio_hf_over_ours": ratio(hf["peak_rss_mb"], ours["peak_rss_mb"]),
-        "baseline_epoch_random_padding_efficiency": hf.get("epoch_random_padding_efficiency"),
+        "peers": peers,
+        "packed_over_unpacked": ratio(packed["tokens_per_s"], ours["tokens_per_s"])
+        if packed and _ran(packed)
+        else None,
+        "ours_peak_rss_over_tensors": ours.get("peak_rss_over_tensors"),
+        "rss_goal": RSS_GOAL,
+        "baseline_epoch_random_padding_efficiency": res.get("hf", {}).get("epoch_random_padding_efficiency"),
     }
 
 
-def throughput_table(workload: str, res: dict, summary: dict, args, steps: int) -> tuple[str, str]:
-    rows = [
-        [SIDES[s], r["steps"], r["real_tokens"], r["padding_efficiency"], r["wall_s"], r["tokens_per_s"],
-         r["final_step_loss"], r["val_loss"], r["peak_rss_mb"]]
-        for s, r in res.items()
-    ]  # fmt: skip
+def _side_rows(res: dict, ours_tps: float) -> list[list]:
+    rows = []
+    for side, r in res.items():
+        if not _ran(r):
+            rows.append([SIDES[side], "skipped", r["skipped"], "", "", "", "", "", "", ""])
+            continue
+        rows.append([SIDES[side], r["steps"], r["real_tokens"], r["padding_efficiency"], r["wall_s"],
+                     r["tokens_per_s"], ratio(ours_tps, r["tokens_per_s"]) if side != "ours" else "",
+                     r["val_loss"], r["peak_rss_mb"], r.get("tensor_mb", "")])  # fmt: skip
+    return rows
+
+
+_HEADERS = ["side", "steps", "real tokens", "padding eff.", "train wall s", "real tok/s", "ours / side",
+            "val loss after", "peak RSS MB", "counted tensors MB"]  # fmt: skip
+
+
+def throughput_table(workload: str, stage: str, res: dict, summary: dict, args, steps: int) -> tuple[str, str]:
     title = (
-        f"LoRA training throughput, {WORKLOADS[workload]} ({args.base}, batch {args.batch_size}, {steps} steps, "
-        "CPU fp32)"
+        f"LoRA training throughput, stage `{stage}`: {WORKLOADS[workload]} ({args.base}, batch {args.batch_size}, "
+        f"{steps} steps, CPU fp32)"
     )
-    ours, hf, best = res["ours"], res["hf"], res[summary["best_peer"]]
-    headers = ["side", "steps", "real tokens", "padding eff.", "train wall s", "real tok/s", "last step loss",
-               "val loss after", "peak RSS MB"]  # fmt: skip
-    text = md_table(headers, rows) + (
-        f"\n\nSpeed-up ours / best peer ({SIDES[summary['best_peer']].split(':')[0]}: {summary['best_peer']}), real "
-        f"tokens/s: **{summary['speedup_tokens_per_s']}x** (goal >= {summary['goal_speedup']}x: "
-        f"{'met' if summary['speedup_goal_met'] else 'NOT met'}); ours / the default Trainer: "
-        f"{summary['speedup_vs_default_trainer']}x. Validation loss after training (same {args.val_examples} "
-        f"domain validation examples, same function): ours {ours['val_loss']:.4f} vs best peer "
-        f"{best['val_loss']:.4f} ({summary['val_loss_rel_diff']:+.2%}; goal within +-2%: "
-        f"{'met' if summary['loss_goal_met'] else 'NOT met'}; after {steps} steps data order has not washed out, "
-        "so this is a sanity check, not the issue's full-epoch equality). Random batches over a whole epoch of "
-        f"this data pad at {summary['baseline_epoch_random_padding_efficiency']} efficiency (the default "
-        f"Trainer's {steps} steps drew {hf['padding_efficiency']}). TRL's SFTTrainer (padding-free) is not "
-        "measured: trl is not installed."
+    lines = [md_table(_HEADERS, _side_rows(res, res["ours"]["tokens_per_s"])), ""]
+    best = summary["best_peer"]
+    if best:
+        lines.append(
+            f"Ours / best peer ({SIDES[best]}), real tokens/s: **{summary['speedup_tokens_per_s']}x** (goal >= "
+            f"{summary['goal_speedup']}x: {'met' if summary['speedup_goal_met'] else 'NOT met'})."
+        )
+    else:
+        lines.append("No peer gives a valid comparison (each was skipped or trains to another loss).")
+    lines += [f"- {side}: {p['speedup']}x, {p['status']}" for side, p in summary["peers"].items()]
+    if summary["packed_over_unpacked"]:
+        lines.append(f"- ours with packing / ours without: {summary['packed_over_unpacked']}x")
+    if summary["ours_peak_rss_over_tensors"]:
+        lines.append(
+            f"- ours' peak RSS is {summary['ours_peak_rss_over_tensors']}x its counted tensors (weights, LoRA "
+            f"gradients and AdamW moments, activations saved for backward on the longest batch; goal <= {RSS_GOAL}x)"
+        )
+    lines.append(
+        f"\nValidation loss after {steps} steps is a sanity check only: loss equality is judged after a full epoch "
+        f"(the loss-equality table). Random batches over a whole epoch of this data pad at "
+        f"{summary['baseline_epoch_random_padding_efficiency']} efficiency."
     )
-    return title, text
+    return title, "\n".join(lines)
+
+
+def equality_table(stage: str, res: dict, check: dict, args) -> tuple[str, str]:
+    title = f"Loss equality: one full epoch of stage `{stage}` per side ({args.base}, batch {args.batch_size})"
+    rows = []
+    for side, r in res.items():
+        if not _ran(r):
+            rows.append([SIDES[side], "skipped", r["skipped"], "", "", ""])
+            continue
+        c = check.get(side)
+        verdict = "reference" if side == "ours" else ("equal" if c["equal"] else "DIVERGES")
+        rows.append([SIDES[side], r["steps"], r["real_tokens"], r["tokens_per_s"], r["val_loss"],
+                     f"{c['rel_diff_vs_ours']:+.2%} {verdict}" if c else verdict])  # fmt: skip
+    text = md_table(["side", "steps", "real tokens", "real tok/s", "val loss after", "vs ours"], rows)
+    return title, text + (
+        f"\n\nEvery side sees every training example of the stage once. A side whose validation loss differs from "
+        f"ours by more than {LOSS_BOUND:.0%} fails the comparison: its speed ratios are withheld above."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick", action="store_true", help="3 steps, stage workload only, no full-FT run (about 2 minutes)"
+        "--quick", action="store_true", help="3 steps, stage workload, no epoch or full-FT run (a few minutes)"
     )
     ap.add_argument("--workloads", default=None, help="comma-separated: stage,plain (default both; quick: stage)")
+    ap.add_argument("--sides", default=None, help=f"comma-separated subset of: ours,ours-packed,{','.join(PEERS)}")
+    ap.add_argument("--config", default=str(REPO / "configs" / "default.yaml"), help="project config with the stages")
+    ap.add_argument("--stage", default=None, help="stage of the speed runs (default: the first with raft: true)")
+    ap.add_argument("--epoch-stage", default=None, help="stage trained for one full epoch per side to check loss "
+                    "equality (default: the config's last stage)")  # fmt: skip
+    ap.add_argument("--no-epoch", action="store_true", help="skip the full-epoch loss equality run")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 6, quick 3)")
     ap.add_argument("--full-steps", type=int, default=None, help="steps of the full-FT vs LoRA run (default 2)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=8e-4, help="LoRA learning rate (the domain stage's)")
+    ap.add_argument("--lr", type=float, default=8e-4, help="LoRA learning rate")
     ap.add_argument("--full-lr", type=float, default=2e-5)
     ap.add_argument("--max-length", type=int, default=384)
     ap.add_argument("--val-examples", type=int, default=49)
@@ -415,47 +573,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", default=DEFAULT_INDEX, help="index the stage workload draws RAFT contexts from")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument(
-        "--ablation", action="store_true", help="also run the baseline with our malloc tuning (plain workload)"
-    )
+    ap.add_argument("--allocator", default=None, help="malloc every side runs on (default: the config's "
+                    "finetune.allocator, as raglora finetune runs)")  # fmt: skip
+    ap.add_argument("--ablation", action="store_true", help="also run ours on the C library's malloc (stage workload)")
     ap.add_argument(
         "--no-full", action="store_true", help="skip full fine-tuning vs LoRA (plain workload; --quick skips it too)"
     )
     ap.add_argument("--out-dir", default="reports/bench")
     ap.add_argument("--in-process", action="store_true", help="run the sides in this process (smoke tests)")
-    ap.add_argument("--worker", choices=["ours", "hf", "hf-grouped", "hf+malloc", "ours-full"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--epoch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     workloads = (args.workloads or ("stage" if args.quick else "stage,plain")).split(",")
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         ap.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
+    sides = (args.sides or f"ours,ours-packed,{','.join(PEERS)}").split(",")
+    if "ours" not in sides or set(sides) - {"ours", "ours-packed", *PEERS}:
+        ap.error(f"--sides must include ours and name only: ours, ours-packed, {', '.join(PEERS)}")
     if args.worker:
         args.steps, args.workload = args.steps or 10, workloads[0]
         worker_main(args)
         return 0
+    speed_stage, epoch_stage = default_stages(args.config)
+    if args.allocator is None:
+        from pipeline.config import load_config
+
+        args.allocator = load_config(args.config).finetune.allocator
+    args.stage, args.epoch_stage = args.stage or speed_stage, args.epoch_stage or epoch_stage
     steps = args.steps or (3 if args.quick else 6)
-    full_steps = args.full_steps or 2
     results: dict = {"workloads": {}}
     tables: dict = {}
+    check = None
+    if not (args.no_epoch or args.quick):
+        # on the first workload: the stage as finetune trains it, unless only "plain" was asked for
+        eq = {s: run_side(s, args, workload=workloads[0], stage=args.epoch_stage, steps=0, lr=args.lr, epoch=True)
+              for s in sides}  # fmt: skip
+        check = loss_check(eq)
+        results["equality"] = {"stage": args.epoch_stage, "sides": eq, "check": check}
+        title, text = equality_table(args.epoch_stage, eq, check, args)
+        tables[title] = text
     for wl in workloads:
-        sides = ["ours", "hf-grouped", "hf"] + (["hf+malloc"] if wl == "plain" and args.ablation else [])
-        res = {s: run_side(s, args, workload=wl, steps=steps, lr=args.lr) for s in sides}
-        summary = compare(res, GOALS[wl])
-        results["workloads"][wl] = {"sides": res, "summary": summary}
-        title, text = throughput_table(wl, res, summary, args, steps)
+        wl_sides = sides + (["ours-system"] if wl == "stage" and args.ablation else [])
+        res = {s: run_side(s, args, workload=wl, stage=args.stage, steps=steps, lr=args.lr) for s in wl_sides}
+        summary = compare(res, GOALS[wl], check)
+        results["workloads"][wl] = {"stage": args.stage, "sides": res, "summary": summary}
+        title, text = throughput_table(wl, args.stage, res, summary, args, steps)
         tables[title] = text
     if not (args.no_full or args.quick):
-        wl = "plain"
-        lo = run_side("ours-lora-short", args, workload=wl, steps=full_steps, lr=args.lr)
-        fu = run_side("ours-full", args, workload=wl, steps=full_steps, lr=args.full_lr)
+        wl, full_steps = "plain", args.full_steps or 2
+        lo = run_side("ours-lora-short", args, workload=wl, stage=args.stage, steps=full_steps, lr=args.lr)
+        fu = run_side("ours-full", args, workload=wl, stage=args.stage, steps=full_steps, lr=args.full_lr)
         results["full_vs_lora"] = {
             "workload": wl,
             "lora": lo,
             "full": fu,
             "full_over_lora_peak_rss": ratio(fu["peak_rss_mb"], lo["peak_rss_mb"]),
             "full_over_lora_s_per_step": ratio(fu["s_per_step"], lo["s_per_step"]),
-            "full_over_lora_tensor_mb": ratio(_tensor_total(fu), _tensor_total(lo)),
+            "full_over_lora_tensor_mb": ratio(fu["tensor_mb"], lo["tensor_mb"]),
         }
         fvl = results["full_vs_lora"]
         tables[f"Full fine-tuning vs LoRA (ours, {WORKLOADS[wl]}, {full_steps} steps of batch {args.batch_size})"] = (
@@ -480,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
                         r["weights_mb"],
                         r["grads_and_adam_mb"],
                         r["saved_activations_mb"],
-                        _tensor_total(r),
+                        r["tensor_mb"],
                         r["peak_rss_mb"],
                     ]
                     for name, r in (("LoRA r=16 q,k,v,o", lo), ("full", fu))
@@ -488,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             + f"\n\nFull/LoRA: {fvl['full_over_lora_s_per_step']}x time per step, "
             f"{fvl['full_over_lora_tensor_mb']}x tensor memory (weights + gradients + AdamW state + activations "
-            f"saved for backward on the longest batch, {lo['longest_batch_tokens']} token slots), "
+            "saved for backward on the first, longest batch), "
             f"{fvl['full_over_lora_peak_rss']}x peak RSS. RSS also counts what glibc keeps after freeing, which "
             "depends on the order of batch shapes, so the counted tensor memory is the comparison to trust."
         )

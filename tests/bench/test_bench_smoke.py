@@ -37,19 +37,65 @@ def test_train_throughput(tiny, tmp_path):
     from bench import train_throughput
 
     argv = ["--in-process", "--steps", "1", "--base", tiny, "--val-examples", "4",
-            "--batch-size", "2", "--train-rows", "16", "--workloads", "plain", "--full-steps", "1",
+            "--batch-size", "2", "--train-rows", "8", "--workloads", "plain", "--full-steps", "1",
             "--out-dir", str(tmp_path)]  # fmt: skip
     assert train_throughput.main(argv) == 0
     results = _report(tmp_path, "train_throughput")["results"]
+    sides = {"ours", "ours-packed", "trl", "hf-grouped", "hf"}
     res = results["workloads"]["plain"]
-    assert set(res["sides"]) == {"ours", "hf", "hf-grouped"}
-    assert res["summary"]["best_peer"] in ("hf", "hf-grouped")
+    assert set(res["sides"]) == sides
+    assert res["summary"]["best_peer"] in ("trl", "hf", "hf-grouped")
+    assert set(res["summary"]["peers"]) == {"trl", "hf-grouped", "hf"}
     lora, full = results["full_vs_lora"]["lora"], results["full_vs_lora"]["full"]
     assert full["trainable_params"] > lora["trainable_params"]
     assert full["grads_and_adam_mb"] > lora["grads_and_adam_mb"] and lora["saved_activations_mb"] >= 0
     assert 0 < res["summary"]["baseline_epoch_random_padding_efficiency"] <= 1
     for side in res["sides"].values():
         assert side["steps"] == 1 and side["real_tokens"] > 0 and side["val_loss"] > 0
+    # the full-epoch equality run: every side saw every example of the last stage once
+    eq = results["equality"]
+    assert eq["stage"] == "subdomain" and set(eq["sides"]) == sides
+    assert set(eq["check"]) == sides - {"ours"}
+    real = {side: r["real_tokens"] for side, r in eq["sides"].items()}
+    assert len(set(real.values())) == 1, real
+    assert all(r["steps"] > 1 for r in eq["sides"].values())
+    from bench.run_all import headlines
+
+    lines = headlines({"train_throughput": {"results": results}})
+    assert any(line.startswith("LoRA training (plain workload)") for line in lines)
+    assert any(line.startswith("Loss equality after one epoch of subdomain") for line in lines)
+
+
+def _side(tps: float, loss: float) -> dict:
+    return {"tokens_per_s": tps, "val_loss": loss}
+
+
+def test_a_peer_whose_loss_diverges_gets_no_speed_figure():
+    from bench.train_throughput import compare, loss_check
+
+    epoch = {"ours": _side(100, 3.0), "trl": _side(90, 3.3), "hf-grouped": _side(60, 3.02)}
+    check = loss_check(epoch)
+    assert not check["trl"]["equal"] and check["hf-grouped"]["equal"]
+    res = {"ours": _side(120, 3.0), "trl": _side(110, 3.1), "hf-grouped": _side(60, 3.0)}
+    summary = compare(res, 1.5, check)
+    assert summary["peers"]["trl"]["speedup"] is None and "FAILED" in summary["peers"]["trl"]["status"]
+    assert summary["best_peer"] == "hf-grouped" and summary["speedup_tokens_per_s"] == 2.0
+    assert summary["speedup_goal_met"]
+
+
+def test_a_missing_trl_skips_its_row_with_the_reason(monkeypatch, tiny, tmp_path):
+    from bench import train_throughput
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError
+    assert "trl is not installed" in train_throughput.trl_missing()
+    argv = ["--in-process", "--steps", "1", "--base", tiny, "--val-examples", "2", "--batch-size", "2",
+            "--train-rows", "4", "--workloads", "plain", "--sides", "ours,trl", "--no-epoch", "--no-full",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert train_throughput.main(argv) == 0
+    doc = _report(tmp_path, "train_throughput")
+    summary = doc["results"]["workloads"]["plain"]["summary"]
+    assert summary["best_peer"] is None and summary["peers"]["trl"]["status"].startswith("skipped: trl is not")
+    assert "skipped" in next(iter(doc["tables"].values()))
 
 
 def test_generation(tiny, tmp_path):
