@@ -54,12 +54,16 @@ def headlines(reports: dict) -> list[str]:
             f"{s['ours_peak_rss_over_tensors']}x its counted tensors (goal <= {s['rss_goal']}x)"
         )
     if "equality" in train:
-        check = train["equality"]["check"]
+        eq = train["equality"]
+        s = eq["summary"]
         out.append(
-            f"Loss equality after one epoch of {train['equality']['stage']}: "
+            f"Loss equality after one epoch of {eq['stage']}: "
             + ", ".join(
-                f"{side} {c['rel_diff_vs_ours']:+.2%}{'' if c['equal'] else ' DIVERGES'}" for side, c in check.items()
+                f"{side} {c['rel_diff_vs_ours']:+.2%}{'' if c['equal'] else ' DIVERGES'}"
+                for side, c in eq["check"].items()
             )  # fmt: skip
+            + f"; on those same examples ours vs the best peer ({s['best_peer']}): {s['speedup_tokens_per_s']}x "
+            f"real tokens/s (goal {s['goal_speedup']}x {'met' if s['speedup_goal_met'] else 'NOT met'})"
         )
     gen = reports.get("generation", {}).get("results")
     if gen:

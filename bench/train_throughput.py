@@ -500,23 +500,27 @@ _HEADERS = ["side", "steps", "real tokens", "padding eff.", "train wall s", "rea
             "val loss after", "peak RSS MB", "counted tensors MB"]  # fmt: skip
 
 
+def _speed_lines(summary: dict) -> str:
+    best = summary["best_peer"]
+    if best:
+        head = (
+            f"Ours / best peer ({SIDES[best]}), real tokens/s: **{summary['speedup_tokens_per_s']}x** (goal >= "
+            f"{summary['goal_speedup']}x: {'met' if summary['speedup_goal_met'] else 'NOT met'})."
+        )
+    else:
+        head = "No peer gives a valid comparison (each was skipped or trains to another loss)."
+    lines = [head] + [f"- {side}: {p['speedup']}x, {p['status']}" for side, p in summary["peers"].items()]
+    if summary["packed_over_unpacked"]:
+        lines.append(f"- ours with packing / ours without: {summary['packed_over_unpacked']}x")
+    return "\n".join(lines)
+
+
 def throughput_table(workload: str, stage: str, res: dict, summary: dict, args, steps: int) -> tuple[str, str]:
     title = (
         f"LoRA training throughput, stage `{stage}`: {WORKLOADS[workload]} ({args.base}, batch {args.batch_size}, "
         f"{steps} steps, CPU fp32)"
     )
-    lines = [md_table(_HEADERS, _side_rows(res, res["ours"]["tokens_per_s"])), ""]
-    best = summary["best_peer"]
-    if best:
-        lines.append(
-            f"Ours / best peer ({SIDES[best]}), real tokens/s: **{summary['speedup_tokens_per_s']}x** (goal >= "
-            f"{summary['goal_speedup']}x: {'met' if summary['speedup_goal_met'] else 'NOT met'})."
-        )
-    else:
-        lines.append("No peer gives a valid comparison (each was skipped or trains to another loss).")
-    lines += [f"- {side}: {p['speedup']}x, {p['status']}" for side, p in summary["peers"].items()]
-    if summary["packed_over_unpacked"]:
-        lines.append(f"- ours with packing / ours without: {summary['packed_over_unpacked']}x")
+    lines = [md_table(_HEADERS, _side_rows(res, res["ours"]["tokens_per_s"])), "", _speed_lines(summary)]
     if summary["ours_peak_rss_over_tensors"]:
         lines.append(
             f"- ours' peak RSS is {summary['ours_peak_rss_over_tensors']}x its counted tensors (weights, LoRA "
@@ -535,7 +539,7 @@ def throughput_table(workload: str, stage: str, res: dict, summary: dict, args, 
     return title, "\n".join(lines)
 
 
-def equality_table(stage: str, res: dict, check: dict, args) -> tuple[str, str]:
+def equality_table(stage: str, res: dict, check: dict, summary: dict, args) -> tuple[str, str]:
     title = f"Loss equality: one full epoch of stage `{stage}` per side ({args.base}, batch {args.batch_size})"
     rows = []
     for side, r in res.items():
@@ -547,10 +551,83 @@ def equality_table(stage: str, res: dict, check: dict, args) -> tuple[str, str]:
         rows.append([SIDES[side], r["steps"], r["real_tokens"], r["tokens_per_s"], r["val_loss"],
                      f"{c['rel_diff_vs_ours']:+.2%} {verdict}" if c else verdict])  # fmt: skip
     text = md_table(["side", "steps", "real tokens", "real tok/s", "val loss after", "vs ours"], rows)
+    speed = _speed_lines(summary)
     return title, text + (
-        f"\n\nEvery side sees every training example of the stage once. A side whose validation loss differs from "
-        f"ours by more than {LOSS_BOUND:.0%} fails the comparison: its speed ratios are withheld above."
+        f"\n\nEvery side trains on exactly the same examples, each once, so this is also the like-for-like speed "
+        f"comparison:\n\n{speed}\n\nA side whose validation loss differs from ours by more than {LOSS_BOUND:.0%} "
+        "fails the comparison: its speed ratios are withheld, here and in the tables below."
     )
+
+
+def summarize(results: dict, args) -> dict[str, str]:
+    """Judge the measured sides (loss equality, speed-ups, memory) into `results` and return the report's
+    tables; `--from-json` re-runs this on a saved report without measuring again."""
+    tables: dict[str, str] = {}
+    check = None
+    if "equality" in results:
+        eq = results["equality"]
+        check = eq["check"] = loss_check(eq["sides"])
+        eq["summary"] = compare(eq["sides"], GOALS["stage"], check)
+        title, text = equality_table(eq["stage"], eq["sides"], check, eq["summary"], args)
+        tables[title] = text
+    for wl, entry in results["workloads"].items():
+        entry["summary"] = compare(entry["sides"], GOALS[wl], check)
+        title, text = throughput_table(wl, entry["stage"], entry["sides"], entry["summary"], args, args.steps)
+        tables[title] = text
+    if "full_vs_lora" in results:
+        fvl = results["full_vs_lora"]
+        lo, fu, full_steps = fvl["lora"], fvl["full"], fvl.get("steps", 2)
+        fvl.update(
+            full_over_lora_peak_rss=ratio(fu["peak_rss_mb"], lo["peak_rss_mb"]),
+            full_over_lora_s_per_step=ratio(fu["s_per_step"], lo["s_per_step"]),
+            full_over_lora_tensor_mb=ratio(fu["tensor_mb"], lo["tensor_mb"]),
+        )
+        title = f"Full fine-tuning vs LoRA (ours, {WORKLOADS[fvl['workload']]}, {full_steps} steps of batch {args.batch_size})"
+        tables[title] = md_table(
+            [
+                "method",
+                "trainable params",
+                "s/step",
+                "real tok/s",
+                "weights MB",
+                "grads + AdamW MB",
+                "saved activations MB",
+                "tensor total MB",
+                "peak RSS MB",
+            ],
+            [
+                [
+                    name,
+                    r["trainable_params"],
+                    r["s_per_step"],
+                    r["tokens_per_s"],
+                    r["weights_mb"],
+                    r["grads_and_adam_mb"],
+                    r["saved_activations_mb"],
+                    r["tensor_mb"],
+                    r["peak_rss_mb"],
+                ]
+                for name, r in (("LoRA r=16 q,k,v,o", lo), ("full", fu))
+            ],
+        ) + (  # fmt: skip
+            f"\n\nFull/LoRA: {fvl['full_over_lora_s_per_step']}x time per step, "
+            f"{fvl['full_over_lora_tensor_mb']}x tensor memory (weights + gradients + AdamW state + activations "
+            f"saved for backward on the first, longest batch), {fvl['full_over_lora_peak_rss']}x peak RSS."
+        )
+    return tables
+
+
+def rerender(path: str | Path) -> int:
+    """Re-judge and re-tabulate a saved report in place (its measurements, machine and command unchanged)."""
+    from raglora.files import atomic_write_text
+
+    doc = json.loads(Path(path).read_text())
+    doc["tables"] = summarize(doc["results"], argparse.Namespace(**doc["args"]))
+    doc["rendered"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")
+    for title, table in doc["tables"].items():
+        print(f"\n### {title}\n\n{table}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="3 steps, stage workload, no epoch or full-FT run (a few minutes)"
     )
     ap.add_argument("--workloads", default=None, help="comma-separated: stage,plain (default both; quick: stage)")
-    ap.add_argument("--sides", default=None, help=f"comma-separated subset of: ours,ours-packed,{','.join(PEERS)}")
+    ap.add_argument("--sides", default=None, help="comma-separated, ours first, of: ours,ours-packed,ours-system,"
+                    f"{','.join(PEERS)} (default all but ours-system; a full run adds it to the stage workload)")  # fmt: skip
     ap.add_argument("--config", default=str(REPO / "configs" / "default.yaml"), help="project config with the stages")
     ap.add_argument("--stage", default=None, help="stage of the speed runs (default: the first with raft: true)")
     ap.add_argument("--epoch-stage", default=None, help="stage trained for one full epoch per side to check loss "
@@ -585,17 +663,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out-dir", default="reports/bench")
     ap.add_argument("--in-process", action="store_true", help="run the sides in this process (smoke tests)")
+    ap.add_argument("--from-json", metavar="REPORT", help="re-judge and re-tabulate a saved train_throughput.json "
+                    "in place, measuring nothing")  # fmt: skip
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--epoch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.from_json:
+        return rerender(args.from_json)
     workloads = (args.workloads or ("stage" if args.quick else "stage,plain")).split(",")
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
         ap.error(f"unknown workload(s) {unknown}; known: {', '.join(WORKLOADS)}")
     sides = (args.sides or f"ours,ours-packed,{','.join(PEERS)}").split(",")
-    if "ours" not in sides or set(sides) - {"ours", "ours-packed", *PEERS}:
-        ap.error(f"--sides must include ours and name only: ours, ours-packed, {', '.join(PEERS)}")
+    if "ours" not in sides or set(sides) - {"ours", "ours-packed", "ours-system", *PEERS}:
+        ap.error(f"--sides must include ours and name only: ours, ours-packed, ours-system, {', '.join(PEERS)}")
     if args.worker:
         args.steps, args.workload = args.steps or 10, workloads[0]
         worker_main(args)
@@ -608,74 +690,26 @@ def main(argv: list[str] | None = None) -> int:
     args.stage, args.epoch_stage = args.stage or speed_stage, args.epoch_stage or epoch_stage
     steps = args.steps or (3 if args.quick else 6)
     results: dict = {"workloads": {}}
-    tables: dict = {}
-    check = None
     if not (args.no_epoch or args.quick):
         # on the first workload: the stage as finetune trains it, unless only "plain" was asked for
         eq = {s: run_side(s, args, workload=workloads[0], stage=args.epoch_stage, steps=0, lr=args.lr, epoch=True)
               for s in sides}  # fmt: skip
-        check = loss_check(eq)
-        results["equality"] = {"stage": args.epoch_stage, "sides": eq, "check": check}
-        title, text = equality_table(args.epoch_stage, eq, check, args)
-        tables[title] = text
+        results["equality"] = {"stage": args.epoch_stage, "sides": eq}
     for wl in workloads:
-        # the allocator's effect on the memory goal: ours on glibc's malloc too (not in --quick)
-        wl_sides = sides + (["ours-system"] if wl == "stage" and not args.quick else [])
+        # a full run also shows the allocator's effect on the memory goal: ours on glibc's malloc
+        wl_sides = sides + (["ours-system"] if wl == "stage" and not (args.quick or args.sides) else [])
         res = {s: run_side(s, args, workload=wl, stage=args.stage, steps=steps, lr=args.lr) for s in wl_sides}
-        summary = compare(res, GOALS[wl], check)
-        results["workloads"][wl] = {"stage": args.stage, "sides": res, "summary": summary}
-        title, text = throughput_table(wl, args.stage, res, summary, args, steps)
-        tables[title] = text
+        results["workloads"][wl] = {"stage": args.stage, "sides": res}
     if not (args.no_full or args.quick):
         wl, full_steps = "plain", args.full_steps or 2
         lo = run_side("ours-lora-short", args, workload=wl, stage=args.stage, steps=full_steps, lr=args.lr)
         fu = run_side("ours-full", args, workload=wl, stage=args.stage, steps=full_steps, lr=args.full_lr)
-        results["full_vs_lora"] = {
-            "workload": wl,
-            "lora": lo,
-            "full": fu,
-            "full_over_lora_peak_rss": ratio(fu["peak_rss_mb"], lo["peak_rss_mb"]),
-            "full_over_lora_s_per_step": ratio(fu["s_per_step"], lo["s_per_step"]),
-            "full_over_lora_tensor_mb": ratio(fu["tensor_mb"], lo["tensor_mb"]),
-        }
-        fvl = results["full_vs_lora"]
-        tables[f"Full fine-tuning vs LoRA (ours, {WORKLOADS[wl]}, {full_steps} steps of batch {args.batch_size})"] = (
-            md_table(
-                [
-                    "method",
-                    "trainable params",
-                    "s/step",
-                    "real tok/s",
-                    "weights MB",
-                    "grads + AdamW MB",
-                    "saved activations MB",
-                    "tensor total MB",
-                    "peak RSS MB",
-                ],
-                [
-                    [
-                        name,
-                        r["trainable_params"],
-                        r["s_per_step"],
-                        r["tokens_per_s"],
-                        r["weights_mb"],
-                        r["grads_and_adam_mb"],
-                        r["saved_activations_mb"],
-                        r["tensor_mb"],
-                        r["peak_rss_mb"],
-                    ]
-                    for name, r in (("LoRA r=16 q,k,v,o", lo), ("full", fu))
-                ],
-            )  # fmt: skip
-            + f"\n\nFull/LoRA: {fvl['full_over_lora_s_per_step']}x time per step, "
-            f"{fvl['full_over_lora_tensor_mb']}x tensor memory (weights + gradients + AdamW state + activations "
-            "saved for backward on the first, longest batch), "
-            f"{fvl['full_over_lora_peak_rss']}x peak RSS. RSS also counts what glibc keeps after freeing, which "
-            "depends on the order of batch shapes, so the counted tensor memory is the comparison to trust."
-        )
+        results["full_vs_lora"] = {"workload": wl, "steps": full_steps, "lora": lo, "full": fu}
+    run_args = {k: v for k, v in vars(args).items() if k not in ("worker", "result")} | {"steps": steps}
+    tables = summarize(results, argparse.Namespace(**run_args))
     write_report(
         "train_throughput",
-        args={k: v for k, v in vars(args).items() if k not in ("worker", "result")} | {"steps": steps},
+        args=run_args,
         results=results,
         tables=tables,
         out_dir=args.out_dir,

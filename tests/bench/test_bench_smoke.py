@@ -59,6 +59,12 @@ def test_train_throughput(tiny, tmp_path):
     real = {side: r["real_tokens"] for side, r in eq["sides"].items()}
     assert len(set(real.values())) == 1, real
     assert all(r["steps"] > 1 for r in eq["sides"].values())
+    assert eq["summary"]["best_peer"] in ("trl", "hf", "hf-grouped")  # the like-for-like speed comparison
+    # re-judging the saved report measures nothing and gives the same tables
+    before = _report(tmp_path, "train_throughput")
+    assert train_throughput.main(["--from-json", str(tmp_path / "train_throughput.json")]) == 0
+    after = _report(tmp_path, "train_throughput")
+    assert after["tables"] == before["tables"] and after["machine"] == before["machine"]
     from bench.run_all import headlines
 
     lines = headlines({"train_throughput": {"results": results}})
