@@ -38,13 +38,6 @@ from bench.common import (
 STRATEGIES = ("merged", "stack", "cumulative")
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
 def tensor_mb(modules) -> float:
     """Bytes of every parameter and buffer reachable from `modules`, each storage counted once."""
     seen: dict[int, int] = {}
@@ -70,6 +63,8 @@ def worker(args) -> int:
     models = StageModels(model, tok, args.adapters, strategy=args.worker)
     load_s = time.perf_counter() - t0
     modules = [models.base, *([models.peft] if models.peft is not None else []), *models.merged.values()]
+    from finetune.train import rss_mb
+
     memory = {"rss_mb": rss_mb(), "tensor_mb": tensor_mb(modules)}
     stage = models.deepest_stage
     prompts = [lora_prompt_ids(tok, q) for q in eval_questions(args.data_dir, args.questions)]
